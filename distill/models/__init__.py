@@ -1,0 +1,9 @@
+"""CIFAR architectures of the KD literature, registered in timm's model registry under ``cifar_*``.
+
+Importing :mod:`distill` registers them, after which ``timm.create_model("cifar_resnet8x4", num_classes=100)``
+works like any timm model.
+"""
+from . import cifar_resnet, cifar_vgg, cifar_wrn  # noqa: F401  (registration side effect)
+from .weights import load_weights, load_state_dict_file
+
+__all__ = ['load_weights', 'load_state_dict_file']
