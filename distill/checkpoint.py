@@ -1,0 +1,79 @@
+"""Atomic checkpoint files and the random-number state that makes a resumed run equal an uninterrupted one."""
+import os
+import random
+import tempfile
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from .errors import DistillError
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over
+    ``path``: a kill at any moment leaves either the old file or the new one, never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; a missing or damaged file is a user error."""
+    if not os.path.isfile(path):
+        raise DistillError(f"checkpoint not found: {path} (check the path or the run directory)")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DistillError(f"checkpoint {path} is corrupt or truncated ({reason}); use the other checkpoint of "
+                           f"the run (best.pt / last.pt) or start the run again") from None
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
+        raise DistillError(f"{path} is not a distill checkpoint (no 'model' entry)")
+    return checkpoint
+
+
+def rng_state() -> Dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, in types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'python': random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    np.random.set_state((numpy_state['kind'], numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
+                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,108 @@
+"""The ``distill`` command: train, eval, demo, models. User mistakes print one line and exit with code 2."""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .errors import DistillError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .trainer import Trainer
+    cfg = load_config(args.recipe, args.overrides)
+    Trainer(cfg, resume=args.resume, quiet=args.quiet).fit()
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .config import DataConfig, ModelConfig, from_dict
+    from .data import build_data
+    from .trainer import create_model, evaluate, resolve_device
+    cfg = None
+    if not args.checkpoint.endswith('.safetensors'):
+        try:
+            saved = load_checkpoint(args.checkpoint).get('config')
+            cfg = from_dict(saved) if saved else None
+        except DistillError:  # not a distill checkpoint: load_weights below reports real problems
+            pass
+    data_cfg = cfg.data if cfg else DataConfig()
+    if args.data is None and cfg is None:
+        raise DistillError("--data is required for weights without a distill config (a dataset name: cifar10, "
+                           "cifar100, digits; or an ImageFolder directory)")
+    if args.data is not None:
+        if os.path.isdir(args.data):
+            data_cfg.name, data_cfg.root = 'imagefolder', args.data
+        elif args.data in ('cifar10', 'cifar100', 'digits'):
+            data_cfg.name = args.data
+        else:
+            raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, digits")
+    if args.root:
+        data_cfg.root = args.root
+    data_cfg.train_per_class, data_cfg.num_classes = 1, None  # only the validation split is used
+    model_name = args.model or (cfg.student.name if cfg else None)
+    if model_name is None:
+        raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
+    data = build_data(data_cfg, seed=0)
+    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), data.num_classes, 'model')
+    device = resolve_device(args.device)
+    metrics = evaluate(model.to(device), data.val, device)
+    print(f"{model_name} on {data_cfg.name} ({len(data.val.split)} images): top-1 {metrics['top1']:.2f}  "
+          f"top-5 {metrics['top5']:.2f}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(data_dir=args.data, output_dir=args.output, epochs=args.epochs, seed=args.seed,
+             train_per_class=args.train_per_class)
+
+
+def _models(args: argparse.Namespace) -> None:
+    import timm
+    print('\n'.join(timm.list_models(args.pattern)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='distill', description='Knowledge distillation on timm models.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    train = sub.add_parser('train', help='train from a YAML recipe')
+    train.add_argument('recipe', help='YAML recipe, e.g. experiments/cifar100/resnet32x4-resnet8x4/kd.yaml')
+    train.add_argument('overrides', nargs='*', help='dotted overrides, e.g. trainer.epochs=2 optimizer.lr=0.1')
+    train.add_argument('--resume', action='store_true', help="continue the run from its checkpoints/last.pt")
+    train.add_argument('--quiet', action='store_true', help='no per-epoch lines on stdout')
+    train.set_defaults(func=_train)
+    ev = sub.add_parser('eval', help='top-1/top-5 of a checkpoint on a validation split')
+    ev.add_argument('checkpoint', help='distill checkpoint (.pt), .safetensors, or RepDistiller ckpt_epoch_240.pth')
+    ev.add_argument('--data', help='cifar10 | cifar100 | digits | an ImageFolder directory')
+    ev.add_argument('--root', help='dataset folder for cifar10/cifar100')
+    ev.add_argument('--model', help='timm model name (needed when the file holds no distill config)')
+    ev.add_argument('--device', default='auto')
+    ev.set_defaults(func=_eval)
+    demo = sub.add_parser('demo', help='teacher, baseline student and KD student on data that needs no download')
+    demo.add_argument('--data', help='ImageFolder directory (default: scikit-learn digits)')
+    demo.add_argument('--output', default='runs/demo', help='where runs, table and plot go')
+    demo.add_argument('--epochs', type=int, default=None, help='epochs per run')
+    demo.add_argument('--seed', type=int, default=0)
+    demo.add_argument('--train-per-class', type=int, default=None, help='training images per class (ImageFolder)')
+    demo.set_defaults(func=_demo)
+    models = sub.add_parser('models', help='list timm model names (e.g. "cifar_*")')
+    models.add_argument('pattern', nargs='?', default='cifar_*')
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DistillError as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Typed configuration: YAML recipes (with ``base:`` inheritance) plus dotted ``key=value`` overrides.
+
+Every key is checked against the dataclasses below: an unknown key names the nearest known one, a wrong type
+names the expected one. ``resolved.yaml`` in a run directory holds the full resolved config.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from .errors import DistillError
+from .losses.base import nearest
+
+
+@dataclass
+class ModelConfig:
+    name: str = 'cifar_resnet8x4'
+    checkpoint: Optional[str] = None  # local weights: .safetensors, state_dict, distill or RepDistiller checkpoint
+    pretrained: bool = False  # timm hub weights (needs internet)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class DataConfig:
+    name: str = 'cifar100'  # cifar10 | cifar100 | imagefolder | digits
+    root: str = 'data'  # dataset folder (imagefolder: holds train/ and val/ or test/)
+    download: bool = False  # torchvision download for CIFAR (needs internet)
+    image_size: int = 32
+    num_classes: Optional[int] = None  # if set, must equal the data's class count
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    augment: str = 'crop_flip'  # crop_flip | crop | none
+    crop_padding: int = 4
+    mean: Optional[List[float]] = None  # None: statistics of the training images
+    std: Optional[List[float]] = None
+    train_per_class: Optional[int] = None  # keep only the first N training images of each class
+    val_per_class: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = 'momentum'  # any timm optimizer; 'momentum' is SGD without Nesterov (CRD), 'sgd' is Nesterov
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    filter_bias_and_bn: bool = False  # CRD decays every parameter
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = 'multistep'  # any timm scheduler (multistep, step, cosine, ...) or none
+    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    step_on_epochs: bool = True  # False: update the lr every iteration
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 240
+    precision: str = 'fp32'  # fp32 | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    grad_clip: Optional[float] = None
+    output_dir: str = 'runs'
+    run_name: Optional[str] = None  # default: the recipe's file name
+    progress: bool = True  # tqdm bars (shown only on a terminal)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = 'disabled'  # online | offline | disabled
+    project: str = 'distill'
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None  # None: the student trains alone (baseline)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: Dict[str, Any] = field(default_factory=lambda: {'ce': 1.0})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CHOICES = {
+    'data.name': ('cifar10', 'cifar100', 'imagefolder', 'digits'),
+    'data.augment': ('crop_flip', 'crop', 'none'),
+    'trainer.precision': ('fp32', 'bf16', 'fp16'),
+    'wandb.mode': ('online', 'offline', 'disabled'),
+}
+POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'optimizer.lr',
+            'data.train_per_class', 'data.val_per_class', 'data.num_classes')
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, '__name__', str(tp).replace('typing.', ''))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted where floats are expected)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DistillError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _from_dict(tp, value, key + '.')
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise DistillError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
+        return [_convert(v, args[0], f'{key}[{i}]') for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise DistillError(f"{key} must be a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '5e-4' as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise DistillError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
+                           f"fix the value in the recipe or override, e.g. {key}=<{_type_name(tp)}>")
+    return value
+
+
+def _from_dict(cls: type, data: Dict[str, Any], prefix: str = '') -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise DistillError(f"unknown config key '{prefix}{key}'{nearest(key, names)}; "
+                               f"valid keys under '{prefix or '<top>'}': {names}")
+    values = {name: _convert(data[name], hints[name], prefix + name) for name in names if name in data}
+    return cls(**values)
+
+
+def _validate(cfg: Config) -> None:
+    flat = to_dict(cfg)
+    for key, choices in CHOICES.items():
+        section, name = key.split('.')
+        value = flat[section][name]
+        if value not in choices:
+            raise DistillError(f"{key} must be one of {list(choices)}, got {value!r}{nearest(value, choices)}")
+    for key in POSITIVE:
+        section, name = key.split('.')
+        value = flat[section][name]
+        if value is not None and value <= 0:
+            raise DistillError(f"{key} must be > 0, got {value}; set e.g. {key}=64")
+    if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
+        raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    cfg = _from_dict(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise DistillError(f"recipe not found: {path} (check the path; recipes live under experiments/)")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise DistillError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"recipe {path} must be a mapping of config sections, got {type(data).__name__}")
+    base = data.pop('base', None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    merged: Dict[str, Any] = {}
+    for item in bases:  # 'base:' paths are relative to the recipe that names them
+        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), item)))
+    return _merge(merged, data)
+
+
+def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != 'losses':
+            out[key] = _merge(out[key], value)
+        else:  # a recipe's losses replace its base's, so a KD recipe never inherits stray terms
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML: 2, 0.1, true, null, [1, 2])."""
+    data = _merge({}, data)
+    for item in overrides:
+        if '=' not in item:
+            raise DistillError(f"override '{item}' must look like section.key=value, e.g. trainer.epochs=2")
+        path, raw = item.split('=', 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        keys = path.split('.')
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    data = apply_overrides(_read_yaml(path), overrides)
+    cfg = from_dict(data)
+    if cfg.trainer.run_name is None:
+        cfg.trainer.run_name = os.path.splitext(os.path.basename(path))[0]
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, 'w') as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

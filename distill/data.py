@@ -1,0 +1,213 @@
+"""Datasets held in memory as uint8 tensors, with batched augmentation and a seeded, checkpointable order.
+
+CIFAR-10/100 come from torchvision (``download=True`` where there is internet), any ImageFolder tree is decoded
+once and cached under ``~/.cache/distill`` (``$DISTILL_CACHE``), and scikit-learn's bundled digits serve tiny
+offline runs. Training batches get the CRD augmentation (random crop with zero padding, horizontal flip) applied
+per sample on the whole batch, drawn from one ``torch.Generator`` whose state is saved in checkpoints, so the
+data order and augmentation of a resumed run equal those of an uninterrupted one.
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .errors import DistillError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+    classes: List[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def cache_dir() -> str:
+    return os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
+
+
+def _keep_per_class(labels: np.ndarray, per_class: Optional[int]) -> np.ndarray:
+    """Indices of the first ``per_class`` samples of each class (all when None), in dataset order."""
+    if per_class is None:
+        return np.arange(len(labels))
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    return np.sort(keep)
+
+
+def _load_cifar(cfg: DataConfig, train: bool) -> ImageSplit:
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if cfg.name == 'cifar10' else datasets.CIFAR100
+    try:
+        dataset = cls(os.path.expanduser(cfg.root), train=train, download=cfg.download)
+    except RuntimeError as exc:
+        raise DistillError(f"{cfg.name} not found under {cfg.root} ({str(exc).splitlines()[0]}); set "
+                           f"data.download=true (needs internet) or data.root=<folder with the dataset>") from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(images, torch.as_tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+def _load_digits(cfg: DataConfig, train: bool) -> ImageSplit:
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    # A fixed stratified 80/20 split: every class contributes its first 80% of samples to training.
+    labels = digits.target.astype(np.int64)
+    is_train = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        is_train[members[:int(round(0.8 * len(members)))]] = True
+    select = np.flatnonzero(is_train == train)
+    gray = torch.from_numpy(digits.images[select] * (255.0 / 16.0)).round().to(torch.uint8)
+    images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # 3 channels, like every image model's stem
+    return ImageSplit(images, torch.from_numpy(labels[select]), [str(i) for i in range(10)])
+
+
+def _find_split_dir(root: str, train: bool) -> str:
+    names = ('train',) if train else ('val', 'test')
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    raise DistillError(f"ImageFolder root {root} has no {' or '.join(names)}/ folder; point data.root at a "
+                       f"folder holding train/<class>/*.jpg and val/ (or test/)")
+
+
+def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) -> ImageSplit:
+    from PIL import Image
+    root = os.path.abspath(os.path.expanduser(cfg.root))
+    if not os.path.isdir(root):
+        raise DistillError(f"data directory not found: {cfg.root} (set data.root=<ImageFolder root>)")
+    split_dir = _find_split_dir(root, train)
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if not classes:
+        raise DistillError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        names = sorted(f for f in os.listdir(os.path.join(split_dir, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = names if per_class is None else names[:per_class]
+        files += [os.path.join(split_dir, name, f) for f in names]
+        labels += [label] * len(names)
+    key = hashlib.sha1(repr((files, cfg.image_size)).encode()).hexdigest()[:16]
+    cache_file = os.path.join(cache_dir(), 'imagefolder', f'{key}.pt')
+    if os.path.isfile(cache_file):
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return ImageSplit(cached['images'], cached['labels'], classes)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    size = cfg.image_size
+    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(files):
+        with Image.open(path) as img:
+            img = img.convert('RGB')
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            images[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    split = ImageSplit(images, torch.as_tensor(labels, dtype=torch.int64), classes)
+    from .checkpoint import atomic_save
+    atomic_save({'images': split.images, 'labels': split.labels}, cache_file)
+    return split
+
+
+def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
+    per_class = cfg.train_per_class if train else cfg.val_per_class
+    if cfg.name == 'imagefolder':
+        return _load_imagefolder(cfg, train, per_class)
+    split = _load_cifar(cfg, train) if cfg.name.startswith('cifar') else _load_digits(cfg, train)
+    keep = torch.from_numpy(_keep_per_class(split.labels.numpy(), per_class))
+    images = split.images[keep]
+    if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
+        images = F.interpolate(images.float(), size=(cfg.image_size, cfg.image_size), mode='bilinear',
+                               antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return ImageSplit(images, split.labels[keep], split.classes)
+
+
+def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (zero padding, as torchvision's RandomCrop(padding=p)) and horizontal flip."""
+    n, _, h, w = images.shape
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
+        cols = (left[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
+        images = padded[torch.arange(n)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None],
+                        rows, cols]
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+class BatchLoader:
+    """Yields ``(images, labels, indices)`` batches from an in-memory split.
+
+    Training loaders shuffle and augment with ``generator`` (one permutation per epoch, then the augmentation
+    draws of each batch in order); evaluation loaders keep the order and do not augment.
+    """
+
+    def __init__(self, split: ImageSplit, batch_size: int, mean: torch.Tensor, std: torch.Tensor,
+                 train: bool, augment: str = 'none', padding: int = 0,
+                 generator: Optional[torch.Generator] = None):
+        self.split, self.batch_size, self.train = split, batch_size, train
+        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.augment, self.padding = augment, padding
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            indices = order[start:start + self.batch_size]
+            images = self.split.images[indices]
+            if self.train and self.augment != 'none':
+                images = augment_batch(images, self.padding, self.augment == 'crop_flip', self.generator)
+            images = (images.float() / 255.0 - self.mean) / self.std
+            yield images, self.split.labels[indices], indices
+
+
+@dataclass
+class DataBundle:
+    train: BatchLoader
+    val: BatchLoader
+    num_classes: int
+    classes: List[str]
+
+
+def channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    pixels = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    return pixels.mean(1), pixels.std(1)
+
+
+def build_data(cfg: DataConfig, seed: int) -> DataBundle:
+    train, val = load_split(cfg, train=True), load_split(cfg, train=False)
+    if train.classes != val.classes:
+        raise DistillError(f"train and validation splits have different classes ({len(train.classes)} vs "
+                           f"{len(val.classes)}); make both hold the same class folders")
+    num_classes = len(train.classes)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise DistillError(f"data.num_classes={cfg.num_classes} but {cfg.name} at {cfg.root} has "
+                           f"{num_classes} classes; set data.num_classes={num_classes} or fix the data")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
+                           "are used)")
+    if cfg.mean is None:
+        mean, std = channel_stats(train.images)
+    else:
+        mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    generator = torch.Generator().manual_seed(seed)
+    return DataBundle(
+        train=BatchLoader(train, cfg.batch_size, mean, std, True, cfg.augment, cfg.crop_padding, generator),
+        val=BatchLoader(val, cfg.eval_batch_size, mean, std, False),
+        num_classes=num_classes, classes=train.classes)

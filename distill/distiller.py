@@ -1,0 +1,80 @@
+"""The distillation engine: a frozen teacher, a trainable student and a weighted sum of named loss terms."""
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import DistillError
+from .losses import LossTerm, StepOutputs, create_loss
+
+# A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
+LossSpec = Union[float, Dict[str, Any], Tuple[float, LossTerm]]
+
+
+def build_loss_terms(losses: Mapping[str, LossSpec]) -> Tuple[nn.ModuleDict, Dict[str, float]]:
+    """Turn ``{'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4}}`` into loss modules and their weights."""
+    if not losses:
+        raise DistillError("no loss terms configured; set e.g. losses: {ce: 1.0}")
+    modules, weights = nn.ModuleDict(), {}
+    for name, spec in losses.items():
+        if isinstance(spec, tuple):
+            weight, module = spec
+        elif isinstance(spec, Mapping):
+            options = dict(spec)
+            weight = options.pop('weight', 1.0)
+            module = create_loss(name, **options)
+        else:
+            weight, module = spec, create_loss(name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise DistillError(f"losses.{name}: weight must be a number, got {weight!r}")
+        modules[name], weights[name] = module, float(weight)
+    return modules, weights
+
+
+class Distiller(nn.Module):
+    """Pairs a teacher and a student (any timm models, any families) and computes the training loss.
+
+    The teacher is frozen: no gradients, always in eval mode (also after ``.train()``), run under
+    ``torch.no_grad()``, so its BatchNorm statistics never change. With ``teacher=None`` the student trains
+    alone through the same code path (the baseline). ``forward`` returns ``{'loss', 'logits', 'terms'}`` where
+    ``terms`` holds each weighted term (detached) for logging.
+    """
+
+    def __init__(self, teacher: Optional[nn.Module], student: nn.Module,
+                 losses: Mapping[str, LossSpec] = (('ce', 1.0),)):
+        super().__init__()
+        self.student = student
+        self.loss_terms, self.loss_weights = build_loss_terms(dict(losses))
+        needs_teacher = [name for name, term in self.loss_terms.items() if term.requires_teacher]
+        if needs_teacher and teacher is None:
+            raise DistillError(f"loss terms {needs_teacher} need a teacher; configure teacher.name (and "
+                               f"teacher.checkpoint) or drop them to train the student alone")
+        self.teacher = teacher
+        self.uses_teacher = bool(needs_teacher)
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True) -> 'Distiller':
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """The modules the optimizer updates and checkpoints save: the student and the loss terms' own
+        parameters (adapters), never the teacher."""
+        return nn.ModuleDict({'student': self.student, 'loss_terms': self.loss_terms})
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
+                epoch: int = 0) -> Dict[str, Any]:
+        teacher_logits = None
+        if self.uses_teacher:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        student_logits = self.student(images)
+        step = StepOutputs(student_logits=student_logits, targets=targets, teacher_logits=teacher_logits,
+                           indices=indices, epoch=epoch)
+        weighted = {name: self.loss_weights[name] * term(step) for name, term in self.loss_terms.items()}
+        return {'loss': sum(weighted.values()), 'logits': student_logits,
+                'terms': {name: value.detach() for name, value in weighted.items()}}

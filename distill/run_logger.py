@@ -1,0 +1,70 @@
+"""Where a run's numbers go: stdout + ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``summary.json``, and
+Weights & Biases through the real ``wandb`` library (``online``, ``offline`` or ``disabled``)."""
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from .config import WandbConfig
+from .errors import DistillError
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    tmp_path = path + '.tmp'
+    with open(tmp_path, 'w') as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, wandb_cfg: WandbConfig, config: Dict[str, Any], run_name: str,
+                 wandb_id: Optional[str] = None, quiet: bool = False):
+        self.run_dir, self.quiet = run_dir, quiet
+        self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        self.log_file = open(os.path.join(run_dir, 'log.txt'), 'a')
+        self.wandb_run = None
+        if wandb_cfg.mode != 'disabled':
+            try:
+                import wandb
+            except ImportError:
+                raise DistillError("wandb.mode is set but the wandb package is missing; pip install wandb or "
+                                   "set wandb.mode=disabled") from None
+            self.wandb_run = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+                tags=wandb_cfg.tags, config=config, dir=run_dir, mode=wandb_cfg.mode,
+                id=wandb_id, resume='allow' if wandb_id else None)
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+        self.log_file.write(message + '\n')
+        self.log_file.flush()
+
+    def rewrite_history(self, history: List[Dict[str, Any]]) -> None:
+        """On resume, metrics.jsonl is rewritten from the checkpoint so it never holds epochs the checkpoint
+        does not (a kill between the two writes would otherwise duplicate an epoch)."""
+        tmp_path = self.metrics_path + '.tmp'
+        with open(tmp_path, 'w') as f:
+            f.writelines(json.dumps(record) + '\n' for record in history)
+        os.replace(tmp_path, self.metrics_path)
+
+    def log_epoch(self, record: Dict[str, Any]) -> None:
+        with open(self.metrics_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != 'epoch'}, step=record['epoch'])
+
+    def finish(self, summary: Optional[Dict[str, Any]] = None) -> None:
+        if summary is not None:
+            write_json_atomic(os.path.join(self.run_dir, 'summary.json'), summary)
+            if self.wandb_run is not None:
+                self.wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=0 if summary is not None else 1)
+            self.wandb_run = None
+        self.log_file.close()

@@ -1,0 +1,317 @@
+"""The training loop shared by teacher training, baseline students and distillation.
+
+One ``Trainer`` runs a ``Config``: it builds data, models, the ``Distiller``, a timm optimizer and scheduler,
+trains with the chosen precision, evaluates top-1/top-5 every epoch, checkpoints ``last.pt`` (every epoch) and
+``best.pt`` atomically, resumes exactly, and exports the student as safetensors.
+"""
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import create_scheduler_v2
+from tqdm import tqdm
+
+from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .config import Config, ModelConfig, save_config, to_dict
+from .data import BatchLoader, build_data
+from .distiller import Distiller
+from .errors import DistillError
+from .losses.base import nearest
+from .models import load_weights
+from .run_logger import RunLogger
+
+# Settings that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'data.eval_batch_size', 'wandb.')
+SCHEDULERS = ('multistep', 'step', 'cosine', 'tanh', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DistillError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise DistillError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == 'fp16' and device.type != 'cuda':
+        raise DistillError("trainer.precision=fp16 needs a CUDA device (CPU has no fast fp16 path); use "
+                           "trainer.precision=bf16 or fp32 on CPU")
+    return {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
+
+
+def create_model(model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``)."""
+    if not timm.is_model(model_cfg.name):
+        raise DistillError(f"unknown model '{model_cfg.name}' for {role}.name"
+                           f"{nearest(model_cfg.name, timm.list_models())}; see timm.list_models()")
+    try:
+        model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
+                                  **model_cfg.kwargs)
+    except TypeError as exc:
+        raise DistillError(f"{role}.kwargs do not fit {model_cfg.name}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        if not model_cfg.pretrained:
+            raise
+        raise DistillError(f"could not fetch pretrained weights for {model_cfg.name} ({str(exc)[:120]}); "
+                           f"without internet set {role}.pretrained=false {role}.checkpoint=<local file>") from None
+    if model_cfg.checkpoint:
+        load_weights(model, os.path.expanduser(model_cfg.checkpoint))
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for images, labels, _ in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 = correct1 + hits[:, 0].sum()
+        correct5 = correct5 + hits.any(dim=1).sum()
+        loss_sum = loss_sum + nn.functional.cross_entropy(logits, labels, reduction='sum')
+        count += len(labels)
+    model.train(was_training)
+    return {'top1': 100.0 * correct1.item() / count, 'top5': 100.0 * correct5.item() / count,
+            'loss': loss_sum.item() / count}
+
+
+def _config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path, a, b = prefix + key, old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != 'losses':
+            changes += _config_changes(a, b, path + '.')
+        elif a != b and not path.startswith(RESUMABLE_CHANGES):
+            changes.append(f"{path}: {a!r} -> {b!r}")
+    return changes
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+        self.cfg = cfg
+        self.run_dir = os.path.join(os.path.expanduser(cfg.trainer.output_dir), cfg.trainer.run_name or 'run')
+        self.ckpt_dir = os.path.join(self.run_dir, 'checkpoints')
+        self.last_path = os.path.join(self.ckpt_dir, 'last.pt')
+        self.best_path = os.path.join(self.ckpt_dir, 'best.pt')
+        self.device = resolve_device(cfg.trainer.device)
+        self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
+        checkpoint = self._resume_checkpoint() if resume else None
+        if not resume and os.path.exists(os.path.join(self.run_dir, 'resolved.yaml')):
+            raise DistillError(f"run directory {self.run_dir} already holds a run; add --resume to continue it, "
+                               f"or pick another trainer.run_name / trainer.output_dir")
+
+        seed_everything(cfg.trainer.seed)
+        self.data = build_data(cfg.data, cfg.trainer.seed)
+        student = create_model(cfg.student, self.data.num_classes, 'student')
+        teacher = create_model(cfg.teacher, self.data.num_classes, 'teacher') if cfg.teacher else None
+        self.distiller = Distiller(teacher, student, cfg.losses).to(self.device)
+        self.trainable = self.distiller.trainable_modules()
+        self.optimizer = self._create_optimizer()
+        self.updates_per_epoch = len(self.data.train)
+        self.scheduler = self._create_scheduler()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == 'fp16')
+
+        self.start_epoch, self.num_updates, self.history = 0, 0, []
+        self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        save_config(cfg, os.path.join(self.run_dir, 'resolved.yaml'))
+        self.logger = RunLogger(self.run_dir, cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run',
+                                wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # --- setup -----------------------------------------------------------------------------------------
+    def _resume_checkpoint(self) -> Dict[str, Any]:
+        if not os.path.isfile(self.last_path):
+            raise DistillError(f"nothing to resume: {self.last_path} does not exist; run without --resume")
+        checkpoint = load_checkpoint(self.last_path)
+        changes = _config_changes(checkpoint['config'], to_dict(self.cfg))
+        if changes:
+            raise DistillError(f"cannot resume {self.run_dir}: the config differs from the run's ({'; '.join(changes[:3])}); "
+                               f"resume with {self.run_dir}/resolved.yaml or start a new trainer.run_name")
+        return checkpoint
+
+    def _create_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.cfg.optimizer
+        try:
+            return create_optimizer_v2(self.trainable, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
+                                       momentum=opt.momentum, filter_bias_and_bn=opt.filter_bias_and_bn,
+                                       **opt.kwargs)
+        except (ValueError, TypeError) as exc:
+            if opt.name not in list_optimizers():
+                raise DistillError(f"unknown optimizer.name '{opt.name}'{nearest(opt.name, list_optimizers())}; "
+                                   f"see timm.optim.list_optimizers()") from None
+            raise DistillError(f"bad optimizer settings for '{opt.name}': {exc}") from None
+
+    def _create_scheduler(self):
+        sched = self.cfg.scheduler
+        if sched.name not in SCHEDULERS:
+            raise DistillError(f"unknown scheduler.name '{sched.name}'{nearest(sched.name, SCHEDULERS)}; "
+                               f"choose one of {list(SCHEDULERS)}")
+        scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=sched.name, num_epochs=self.cfg.trainer.epochs,
+            decay_milestones=sched.milestones, decay_epochs=sched.milestones[0] if sched.milestones else None,
+            decay_rate=sched.decay_rate, warmup_epochs=sched.warmup_epochs, warmup_lr=sched.warmup_lr,
+            min_lr=sched.min_lr, step_on_epochs=sched.step_on_epochs, updates_per_epoch=self.updates_per_epoch)
+        return scheduler
+
+    def _state(self, epoch: int) -> Dict[str, Any]:
+        return {
+            'model': self.distiller.student.state_dict(),
+            'loss_terms': self.distiller.loss_terms.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict() if self.scheduler else None,
+            'scaler': self.scaler.state_dict(),
+            'epoch': epoch, 'num_updates': self.num_updates,
+            'best_top1': self.best_top1, 'best_epoch': self.best_epoch, 'history': self.history,
+            'teacher_metrics': self.teacher_metrics,
+            'rng': rng_state(), 'data_generator': self.data.train.generator.get_state(),
+            'config': to_dict(self.cfg), 'wandb_id': self.logger.wandb_id,
+        }
+
+    def _restore(self, checkpoint: Dict[str, Any]) -> None:
+        self.distiller.student.load_state_dict(checkpoint['model'])
+        self.distiller.loss_terms.load_state_dict(checkpoint['loss_terms'])
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        if self.scheduler and checkpoint['scheduler']:
+            self.scheduler.load_state_dict(checkpoint['scheduler'])
+        self.scaler.load_state_dict(checkpoint['scaler'])
+        self.start_epoch, self.num_updates = checkpoint['epoch'], checkpoint['num_updates']
+        self.best_top1, self.best_epoch = checkpoint['best_top1'], checkpoint['best_epoch']
+        self.history, self.teacher_metrics = list(checkpoint['history']), checkpoint['teacher_metrics']
+        set_rng_state(checkpoint['rng'])
+        self.data.train.generator.set_state(checkpoint['data_generator'])
+        self.logger.rewrite_history(self.history)
+        self.logger.info(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+
+    # --- training --------------------------------------------------------------------------------------
+    def _stop_on_nonfinite(self, out: Dict[str, Any], epoch: int, step: int) -> None:
+        terms = ', '.join(f"{name}={value.item():.4g}" for name, value in out['terms'].items())
+        bad = [name for name, value in out['terms'].items() if not torch.isfinite(value)]
+        kept = f"last good checkpoint {self.last_path} is kept" if os.path.exists(self.last_path) else \
+            "no checkpoint was written yet"
+        raise DistillError(f"loss became {out['loss'].item()} at epoch {epoch + 1}, step {step + 1} (loss term "
+                           f"{', '.join(repr(b) for b in bad) or '?'}; {terms}); training stopped and {kept}; "
+                           f"lower optimizer.lr, check the data, or use trainer.precision=fp32")
+
+    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+        self.distiller.train()
+        device, clip = self.device, self.cfg.trainer.grad_clip
+        sums: Dict[str, torch.Tensor] = {}
+        correct, count = torch.zeros((), device=device), 0
+        show = self.cfg.trainer.progress and sys.stderr.isatty()
+        bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        for step, (images, labels, indices) in enumerate(bar):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                out = self.distiller(images, labels, indices=indices.to(device), epoch=epoch)
+            loss = out['loss']
+            if not torch.isfinite(loss):
+                self._stop_on_nonfinite(out, epoch, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.trainable.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.num_updates += 1
+            if self.scheduler:
+                self.scheduler.step_update(num_updates=self.num_updates)
+            batch = len(labels)
+            for name, value in [('loss', loss.detach())] + list(out['terms'].items()):
+                sums[name] = sums.get(name, 0.0) + value.float() * batch
+            correct += (out['logits'].detach().argmax(1) == labels).sum()
+            count += batch
+            if show and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        metrics = {f"train_{name}": (value / count).item() for name, value in sums.items()}
+        metrics['train_top1'] = 100.0 * correct.item() / count
+        return metrics
+
+    def fit(self) -> Dict[str, Any]:
+        cfg, logger = self.cfg, self.logger
+        completed = False
+        try:
+            if self.teacher_metrics is None and self.distiller.teacher is not None:
+                self.teacher_metrics = evaluate(self.distiller.teacher, self.data.val, self.device, self.amp_dtype)
+                logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
+            self._describe()
+            for epoch in range(self.start_epoch, cfg.trainer.epochs):
+                started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]['lr']
+                record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
+                val = evaluate(self.distiller.student, self.data.val, self.device, self.amp_dtype)
+                record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'],
+                              epoch_time=time.perf_counter() - started)
+                if self.scheduler:
+                    self.scheduler.step(epoch + 1)
+                improved = val['top1'] > self.best_top1
+                if improved:
+                    self.best_top1, self.best_epoch = val['top1'], epoch + 1
+                self.history.append(record)
+                state = self._state(epoch + 1)
+                atomic_save(state, self.last_path)
+                if improved:
+                    atomic_save(state, self.best_path)
+                logger.log_epoch(record)
+                logger.info(f"epoch {epoch + 1}/{cfg.trainer.epochs} lr {lr:.4g} loss {record['train_loss']:.4f} "
+                            f"train {record['train_top1']:.2f} val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f}"
+                            f" ({record['epoch_time']:.1f}s)")
+            summary = self._summary()
+            self._export()
+            completed = True
+            logger.info(f"done: best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), last "
+                        f"{summary['last_top1']:.2f}; run directory {self.run_dir}")
+            return summary
+        finally:
+            logger.finish(self._summary() if completed else None)
+
+    def _describe(self) -> None:
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        teacher = (f"teacher {self.cfg.teacher.name} ({count(self.distiller.teacher):,} params, frozen) -> "
+                   if self.distiller.teacher is not None else "")
+        self.logger.info(f"{teacher}student {self.cfg.student.name} ({count(self.distiller.student):,} params); "
+                         f"losses {self.distiller.loss_weights}; {len(self.data.train.split)} train / "
+                         f"{len(self.data.val.split)} val images, {self.data.num_classes} classes; device "
+                         f"{self.device}, {self.cfg.trainer.precision}")
+
+    def _summary(self) -> Dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            'student': self.cfg.student.name, 'teacher': self.cfg.teacher.name if self.cfg.teacher else None,
+            'losses': self.cfg.losses, 'seed': self.cfg.trainer.seed, 'epochs': len(self.history),
+            'best_top1': self.best_top1, 'best_epoch': self.best_epoch,
+            'last_top1': last.get('val_top1', math.nan), 'last_top5': last.get('val_top5', math.nan),
+            'teacher_top1': self.teacher_metrics['top1'] if self.teacher_metrics else None,
+            'train_time_s': sum(r['epoch_time'] for r in self.history),
+        }
+
+    def _export(self) -> None:
+        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model)."""
+        from safetensors.torch import save_file
+        for name, path in (('student_last', self.last_path), ('student_best', self.best_path)):
+            state = load_checkpoint(path)['model']
+            target = os.path.join(self.run_dir, f'{name}.safetensors')
+            save_file({k: v.contiguous() for k, v in state.items()}, target + '.tmp')
+            os.replace(target + '.tmp', target)
