@@ -147,7 +147,7 @@ def _from_dict(cls: type, data: Dict[str, Any], prefix: str = '') -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise DistillError(f"unknown config key '{prefix}{key}'{nearest(key, names)}; "
+            raise DistillError(f"unknown config key '{prefix}{key}'{nearest(key, names, prefix)}; "
                                f"valid keys under '{prefix or '<top>'}': {names}")
     values = {name: _convert(data[name], hints[name], prefix + name) for name in names if name in data}
     return cls(**values)

@@ -48,9 +48,11 @@ def _load_cifar(cfg: DataConfig, train: bool) -> ImageSplit:
     cls = datasets.CIFAR10 if cfg.name == 'cifar10' else datasets.CIFAR100
     try:
         dataset = cls(os.path.expanduser(cfg.root), train=train, download=cfg.download)
-    except RuntimeError as exc:
-        raise DistillError(f"{cfg.name} not found under {cfg.root} ({str(exc).splitlines()[0]}); set "
-                           f"data.download=true (needs internet) or data.root=<folder with the dataset>") from None
+    except (RuntimeError, OSError) as exc:  # missing files, or a download without internet (URLError)
+        reason = 'download failed, no internet?' if cfg.download else 'not downloaded'
+        raise DistillError(f"{cfg.name} not found under {cfg.root} ({reason}: {str(exc).splitlines()[0][:100]}); "
+                           f"set data.root=<folder holding the dataset>, or data.download=true where there is "
+                           f"internet") from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return ImageSplit(images, torch.as_tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
 
@@ -110,7 +112,7 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
             img = img.convert('RGB')
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
-            images[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+            images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     split = ImageSplit(images, torch.as_tensor(labels, dtype=torch.int64), classes)
     from .checkpoint import atomic_save
     atomic_save({'images': split.images, 'labels': split.labels}, cache_file)

@@ -50,11 +50,18 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
 
 
-def create_model(model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``)."""
+def check_model_config(model_cfg: ModelConfig, role: str) -> None:
     if not timm.is_model(model_cfg.name):
         raise DistillError(f"unknown model '{model_cfg.name}' for {role}.name"
-                           f"{nearest(model_cfg.name, timm.list_models())}; see timm.list_models()")
+                           f"{nearest(model_cfg.name, timm.list_models())}; see `distill models '*'`")
+    if model_cfg.checkpoint and not os.path.isfile(os.path.expanduser(model_cfg.checkpoint)):
+        raise DistillError(f"{role}.checkpoint not found: {model_cfg.checkpoint}; set "
+                           f"{role}.checkpoint=<path to its weights>")
+
+
+def create_model(model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``)."""
+    check_model_config(model_cfg, role)
     try:
         model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
                                   **model_cfg.kwargs)
@@ -119,6 +126,9 @@ class Trainer:
             raise DistillError(f"run directory {self.run_dir} already holds a run; add --resume to continue it, "
                                f"or pick another trainer.run_name / trainer.output_dir")
 
+        for role, model_cfg in (('student', cfg.student), ('teacher', cfg.teacher)):
+            if model_cfg:  # fail before the (slow) data loading
+                check_model_config(model_cfg, role)
         seed_everything(cfg.trainer.seed)
         self.data = build_data(cfg.data, cfg.trainer.seed)
         student = create_model(cfg.student, self.data.num_classes, 'student')

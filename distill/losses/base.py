@@ -46,10 +46,10 @@ def list_losses() -> Dict[str, Type[LossTerm]]:
     return dict(_LOSSES)
 
 
-def nearest(name: str, choices) -> str:
-    """' (did you mean X?)' for the closest of ``choices``, or '' when none is close."""
+def nearest(name: str, choices, prefix: str = '') -> str:
+    """' (did you mean PREFIX+X?)' for the closest X of ``choices``, or '' when none is close."""
     match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ''
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ''
 
 
 def create_loss(name: str, **options) -> LossTerm:

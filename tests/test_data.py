@@ -1,0 +1,81 @@
+"""In-memory datasets, the batched CRD augmentation, ImageFolder decoding/caching and class-count checks."""
+import os
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from distill.config import DataConfig
+from distill.data import augment_batch, build_data, load_split
+from distill.errors import DistillError
+from helpers import SHARED_CIFAR10
+
+
+def test_digits_split_is_fixed_and_stratified():
+    cfg = DataConfig(name='digits', image_size=8)
+    train, val = load_split(cfg, True), load_split(cfg, False)
+    assert len(train) + len(val) == 1797 and train.images.shape[1:] == (3, 8, 8)
+    assert train.images.dtype == torch.uint8 and len(train.classes) == 10
+    assert torch.bincount(val.labels).min() >= 35  # every class in the validation split
+    assert torch.equal(load_split(cfg, True).images, train.images)
+    subset = load_split(DataConfig(name='digits', image_size=16, train_per_class=5), True)
+    assert subset.images.shape == (50, 3, 16, 16) and torch.bincount(subset.labels).tolist() == [5] * 10
+
+
+def test_augment_batch_equals_torchvision_crop_and_flip_per_sample():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(3)
+    out = augment_batch(images, 4, True, gen)
+    # replay the same draws and apply torchvision's functional ops one sample at a time
+    replay = torch.Generator().manual_seed(3)
+    top = torch.randint(0, 9, (6,), generator=replay)
+    left = torch.randint(0, 9, (6,), generator=replay)
+    flip = torch.rand(6, generator=replay) < 0.5
+    for i in range(6):
+        expected = TF.crop(TF.pad(images[i], [4]), int(top[i]), int(left[i]), 32, 32)
+        expected = TF.horizontal_flip(expected) if flip[i] else expected
+        assert torch.equal(out[i], expected)
+    assert 0 < flip.sum() < 6 and len(set(top.tolist())) > 1
+
+
+def test_loader_order_is_seeded_and_normalised():
+    cfg = DataConfig(name='digits', image_size=8, batch_size=100, augment='crop', crop_padding=1)
+    first = [labels for _, labels, _ in build_data(cfg, seed=1).train]
+    again = [labels for _, labels, _ in build_data(cfg, seed=1).train]
+    other = [labels for _, labels, _ in build_data(cfg, seed=2).train]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    images = torch.cat([x for x, _, _ in build_data(DataConfig(name='digits', image_size=8, augment='none'), 0).train])
+    assert images.mean().abs() < 1e-3 and (images.std() - 1).abs() < 1e-2  # train statistics by default
+
+
+def test_class_count_mismatch_and_missing_dirs(tmp_path):
+    with pytest.raises(DistillError, match='data.num_classes=100 but digits.*has 10 classes'):
+        build_data(DataConfig(name='digits', num_classes=100), 0)
+    with pytest.raises(DistillError, match='data directory not found'):
+        build_data(DataConfig(name='imagefolder', root=str(tmp_path / 'missing')), 0)
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(DistillError, match='has no class folders'):
+        build_data(DataConfig(name='imagefolder', root=str(tmp_path)), 0)
+    (tmp_path / 'train' / 'cat').mkdir()
+    with pytest.raises(DistillError, match='no val or test/ folder'):
+        build_data(DataConfig(name='imagefolder', root=str(tmp_path)), 0)
+    with pytest.raises(DistillError, match='cifar100 not found under'):
+        build_data(DataConfig(name='cifar100', root=str(tmp_path)), 0)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason='../shared/data/cifar10-jpeg not present')
+def test_imagefolder_on_shared_cifar10_decodes_once_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv('DISTILL_CACHE', str(tmp_path))
+    cfg = DataConfig(name='imagefolder', root=SHARED_CIFAR10, train_per_class=20, val_per_class=10)
+    data = build_data(cfg, 0)
+    assert data.num_classes == 10 and data.classes[0] == 'airplane'
+    assert data.train.split.images.shape == (200, 3, 32, 32) and len(data.val.split) == 100
+    cached = os.listdir(tmp_path / 'imagefolder')
+    assert len(cached) == 2
+    again = load_split(cfg, True)
+    assert torch.equal(again.images, data.train.split.images)
+    # a damaged cache file is rebuilt, not trusted
+    for name in cached:
+        (tmp_path / 'imagefolder' / name).write_bytes(b'garbage')
+    assert torch.equal(load_split(cfg, True).images, data.train.split.images)
