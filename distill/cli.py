@@ -17,15 +17,17 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .config import DataConfig, ModelConfig, from_dict
-    from .data import build_data
+    from .data import build_eval_loader
     from .trainer import create_model, evaluate, resolve_device
-    cfg = None
+    if not os.path.isfile(args.checkpoint):
+        raise DistillError(f"checkpoint not found: {args.checkpoint} (check the path)")
+    checkpoint = None
     if not args.checkpoint.endswith('.safetensors'):
         try:
-            saved = load_checkpoint(args.checkpoint).get('config')
-            cfg = from_dict(saved) if saved else None
+            checkpoint = load_checkpoint(args.checkpoint)
         except DistillError:  # not a distill checkpoint: load_weights below reports real problems
             pass
+    cfg = from_dict(checkpoint['config']) if checkpoint and 'config' in checkpoint else None
     data_cfg = cfg.data if cfg else DataConfig()
     if args.data is None and cfg is None:
         raise DistillError("--data is required for weights without a distill config (a dataset name: cifar10, "
@@ -39,15 +41,15 @@ def _eval(args: argparse.Namespace) -> None:
             raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, digits")
     if args.root:
         data_cfg.root = args.root
-    data_cfg.train_per_class, data_cfg.num_classes = 1, None  # only the validation split is used
     model_name = args.model or (cfg.student.name if cfg else None)
     if model_name is None:
         raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
-    data = build_data(data_cfg, seed=0)
-    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), data.num_classes, 'model')
+    stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
+    loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
+    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), len(loader.split.classes), 'model')
     device = resolve_device(args.device)
-    metrics = evaluate(model.to(device), data.val, device)
-    print(f"{model_name} on {data_cfg.name} ({len(data.val.split)} images): top-1 {metrics['top1']:.2f}  "
+    metrics = evaluate(model.to(device), loader, device)
+    print(f"{model_name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
           f"top-5 {metrics['top5']:.2f}")
 
 
@@ -92,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == 'train':  # overrides may also follow --resume / --quiet
+        args.overrides += [item for item in extra if '=' in item and not item.startswith('-')]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except DistillError as exc:

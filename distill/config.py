@@ -53,7 +53,7 @@ class OptimizerConfig:
 @dataclass
 class SchedulerConfig:
     name: str = 'multistep'  # any timm scheduler (multistep, step, cosine, ...) or none
-    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])  # lr *= decay_rate after these epochs
     decay_rate: float = 0.1
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5

@@ -192,24 +192,46 @@ def channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return pixels.mean(1), pixels.std(1)
 
 
+def _check_classes(cfg: DataConfig, num_classes: int) -> None:
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise DistillError(f"data.num_classes={cfg.num_classes} but {cfg.name} at {cfg.root} has "
+                           f"{num_classes} classes; set data.num_classes={num_classes} or fix the data")
+
+
+def normalization(cfg: DataConfig, train: Optional[ImageSplit]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The configured mean/std; else CRD's CIFAR statistics for CIFAR, else the training images' own."""
+    if (cfg.mean is None) != (cfg.std is None):
+        raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
+                           "are used)")
+    if cfg.mean is not None:
+        return torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    if cfg.name.startswith('cifar'):
+        from .models._base import CIFAR100_MEAN, CIFAR100_STD
+        return torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)
+    if train is None:
+        train = load_split(cfg, train=True)
+    return channel_stats(train.images)
+
+
 def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     train, val = load_split(cfg, train=True), load_split(cfg, train=False)
     if train.classes != val.classes:
         raise DistillError(f"train and validation splits have different classes ({len(train.classes)} vs "
                            f"{len(val.classes)}); make both hold the same class folders")
-    num_classes = len(train.classes)
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise DistillError(f"data.num_classes={cfg.num_classes} but {cfg.name} at {cfg.root} has "
-                           f"{num_classes} classes; set data.num_classes={num_classes} or fix the data")
-    if (cfg.mean is None) != (cfg.std is None):
-        raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
-                           "are used)")
-    if cfg.mean is None:
-        mean, std = channel_stats(train.images)
-    else:
-        mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    _check_classes(cfg, len(train.classes))
+    mean, std = normalization(cfg, train)
     generator = torch.Generator().manual_seed(seed)
     return DataBundle(
         train=BatchLoader(train, cfg.batch_size, mean, std, True, cfg.augment, cfg.crop_padding, generator),
         val=BatchLoader(val, cfg.eval_batch_size, mean, std, False),
-        num_classes=num_classes, classes=train.classes)
+        num_classes=len(train.classes), classes=train.classes)
+
+
+def build_eval_loader(cfg: DataConfig, mean: Optional[torch.Tensor] = None,
+                      std: Optional[torch.Tensor] = None) -> BatchLoader:
+    """The validation split alone, normalised with the statistics the model was trained with (when known)."""
+    val = load_split(cfg, train=False)
+    _check_classes(cfg, len(val.classes))
+    if mean is None or std is None:
+        mean, std = normalization(cfg, None)
+    return BatchLoader(val, cfg.eval_batch_size, mean, std, False)

@@ -177,9 +177,11 @@ class Trainer:
         if sched.name not in SCHEDULERS:
             raise DistillError(f"unknown scheduler.name '{sched.name}'{nearest(sched.name, SCHEDULERS)}; "
                                f"choose one of {list(SCHEDULERS)}")
+        # Our milestones mean "decay once this many epochs are done" (torch MultiStepLR and RepDistiller's
+        # `epoch > 150`); timm's multistep applies milestone m one epoch earlier, at 0-based epoch m - 1.
         scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=sched.name, num_epochs=self.cfg.trainer.epochs,
-            decay_milestones=sched.milestones, decay_epochs=sched.milestones[0] if sched.milestones else None,
+            decay_milestones=[m + 1 for m in sched.milestones], decay_epochs=sched.milestones[0] if sched.milestones else None,
             decay_rate=sched.decay_rate, warmup_epochs=sched.warmup_epochs, warmup_lr=sched.warmup_lr,
             min_lr=sched.min_lr, step_on_epochs=sched.step_on_epochs, updates_per_epoch=self.updates_per_epoch)
         return scheduler
@@ -195,6 +197,7 @@ class Trainer:
             'best_top1': self.best_top1, 'best_epoch': self.best_epoch, 'history': self.history,
             'teacher_metrics': self.teacher_metrics,
             'rng': rng_state(), 'data_generator': self.data.train.generator.get_state(),
+            'normalization': {'mean': self.data.train.mean.flatten(), 'std': self.data.train.std.flatten()},
             'config': to_dict(self.cfg), 'wandb_id': self.logger.wandb_id,
         }
 

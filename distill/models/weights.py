@@ -48,6 +48,11 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     unexpected = [k for k in state if k not in own]
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                    for k in own if k in state and state[k].shape != own[k].shape]
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier')
+    head_key = f'{head}.weight' if head else None
+    if head_key in state and head_key in own and state[head_key].shape[0] != own[head_key].shape[0]:
+        raise DistillError(f"{path}: its classifier has {state[head_key].shape[0]} classes but the data has "
+                           f"{own[head_key].shape[0]}; use weights trained on this data's classes")
     if wrong_shape:
         raise DistillError(f"{path} does not fit {type(model).__name__}: shape mismatch for "
                            f"{', '.join(wrong_shape[:3])}{' ...' if len(wrong_shape) > 3 else ''} "
