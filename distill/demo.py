@@ -8,7 +8,10 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from .config import from_dict
+import yaml
+
+from .config import from_dict, to_dict
+from .errors import DistillError
 from .trainer import Trainer
 
 TEACHER, STUDENT = 'cifar_resnet8x4', 'cifar_resnet8'
@@ -70,6 +73,9 @@ def run_demo(data_dir: Optional[str] = None, output_dir: str = 'runs/demo', epoc
         run_dir = os.path.join(output_dir, cfg.trainer.run_name)
         summary_path = os.path.join(run_dir, 'summary.json')
         if os.path.isfile(summary_path):  # a finished stage is reused, so the demo can be re-run cheaply
+            with open(os.path.join(run_dir, 'resolved.yaml')) as f:
+                if yaml.safe_load(f) != to_dict(cfg):
+                    raise DistillError(f"{run_dir} holds a demo run with other settings; pass --output <new dir>")
             print(f"[{label}] reusing finished run {run_dir}")
             trainer_summary = json.load(open(summary_path))
         else:
