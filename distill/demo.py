@@ -25,7 +25,7 @@ def demo_configs(data_dir: Optional[str], output_dir: str, epochs: Optional[int]
         epochs = epochs or 30
     else:
         data = dict(name='imagefolder', root=data_dir, image_size=32, augment='crop_flip', crop_padding=4,
-                    batch_size=64, train_per_class=train_per_class or 200)
+                    batch_size=64, train_per_class=train_per_class or 200, val_per_class=200)
         epochs = epochs or 15
     common = dict(
         data=data,

@@ -122,7 +122,7 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
         checkpoint = self._resume_checkpoint() if resume else None
-        if not resume and os.path.exists(os.path.join(self.run_dir, 'resolved.yaml')):
+        if not resume and os.path.exists(self.last_path):
             raise DistillError(f"run directory {self.run_dir} already holds a run; add --resume to continue it, "
                                f"or pick another trainer.run_name / trainer.output_dir")
 
@@ -148,11 +148,14 @@ class Trainer:
                                 wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
         if checkpoint is not None:
             self._restore(checkpoint)
+        else:  # a fresh start in a directory whose first epoch never finished
+            self.logger.rewrite_history([])
 
     # --- setup -----------------------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Dict[str, Any]:
         if not os.path.isfile(self.last_path):
-            raise DistillError(f"nothing to resume: {self.last_path} does not exist; run without --resume")
+            raise DistillError(f"nothing to resume: {self.last_path} does not exist (no epoch finished); start "
+                               f"the run again without --resume")
         checkpoint = load_checkpoint(self.last_path)
         changes = _config_changes(checkpoint['config'], to_dict(self.cfg))
         if changes:

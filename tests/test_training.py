@@ -236,3 +236,13 @@ def test_kd_beats_the_student_alone_on_real_digits(tmp_path):
     assert teacher > 95
     assert kd > student + 2, (teacher, student, kd)
     assert os.path.getsize(tmp_path / 'demo_curves.png') > 10_000
+
+
+def test_a_run_whose_first_epoch_never_finished_starts_afresh(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'resolved.yaml').write_text('{}\n')
+    (run_dir / 'metrics.jsonl').write_text('{"epoch": 1, "stale": true}\n')
+    Trainer(from_dict(digits_config(tmp_path, epochs=1)), quiet=True).fit()
+    records = read_metrics(run_dir)
+    assert len(records) == 1 and 'stale' not in records[0]
