@@ -1,10 +1,11 @@
 """The distillation engine: a frozen teacher, a trainable student and a weighted sum of named loss terms."""
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .errors import DistillError
+from .features import FeatureExtractor, probe_shapes
 from .losses import LossTerm, StepOutputs, create_loss
 
 # A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
@@ -41,7 +42,7 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module,
-                 losses: Mapping[str, LossSpec] = (('ce', 1.0),)):
+                 losses: Mapping[str, LossSpec] = (('ce', 1.0),), input_size: Optional[Sequence[int]] = None):
         super().__init__()
         self.student = student
         self.loss_terms, self.loss_weights = build_loss_terms(dict(losses))
@@ -54,6 +55,24 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        self._setup_taps(input_size)
+
+    def _setup_taps(self, input_size: Optional[Sequence[int]]) -> None:
+        """One extractor per model over the union of every term's taps; one dry run sizes the adapters."""
+        for term in self.loss_terms.values():
+            term.resolve_layers(self.student, self.teacher)
+        student_layers = _unique(layer for term in self.loss_terms.values() for layer in term.student_layers)
+        teacher_layers = _unique(layer for term in self.loss_terms.values() for layer in term.teacher_layers)
+        self.student_extractor = FeatureExtractor(self.student, student_layers)
+        self.teacher_extractor = FeatureExtractor(self.teacher, teacher_layers) if self.teacher is not None else None
+        if not (student_layers or teacher_layers):
+            return
+        input_size = tuple(input_size or getattr(self.student, 'pretrained_cfg', {}).get('input_size', (3, 224, 224)))
+        student_shapes = dict(zip(student_layers, probe_shapes(self.student_extractor, input_size)))
+        teacher_shapes = dict(zip(teacher_layers, probe_shapes(self.teacher_extractor, input_size))) \
+            if teacher_layers else {}
+        for term in self.loss_terms.values():
+            term.setup(student_shapes, teacher_shapes)
 
     def train(self, mode: bool = True) -> 'Distiller':
         super().train(mode)
@@ -68,13 +87,19 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
                 epoch: int = 0) -> Dict[str, Any]:
-        teacher_logits = None
+        teacher_logits, teacher_features = None, []
         if self.uses_teacher:
             with torch.no_grad():
-                teacher_logits = self.teacher(images)
-        student_logits = self.student(images)
-        step = StepOutputs(student_logits=student_logits, targets=targets, teacher_logits=teacher_logits,
-                           indices=indices, epoch=epoch)
+                teacher_logits, teacher_features = self.teacher_extractor(images)
+        student_logits, student_features = self.student_extractor(images)
+        step = StepOutputs(
+            student_logits=student_logits, targets=targets, teacher_logits=teacher_logits, indices=indices,
+            epoch=epoch, student_features=dict(zip(self.student_extractor.layers, student_features)),
+            teacher_features=dict(zip(self.teacher_extractor.layers, teacher_features)) if teacher_features else {})
         weighted = {name: self.loss_weights[name] * term(step) for name, term in self.loss_terms.items()}
         return {'loss': sum(weighted.values()), 'logits': student_logits,
                 'terms': {name: value.detach() for name, value in weighted.items()}}
+
+
+def _unique(items) -> List[Any]:
+    return list(dict.fromkeys(items))

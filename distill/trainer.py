@@ -133,7 +133,8 @@ class Trainer:
         self.data = build_data(cfg.data, cfg.trainer.seed)
         student = create_model(cfg.student, self.data.num_classes, 'student')
         teacher = create_model(cfg.teacher, self.data.num_classes, 'teacher') if cfg.teacher else None
-        self.distiller = Distiller(teacher, student, cfg.losses).to(self.device)
+        self.distiller = Distiller(teacher, student, cfg.losses,
+                                   input_size=(3, cfg.data.image_size, cfg.data.image_size)).to(self.device)
         self.trainable = self.distiller.trainable_modules()
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)

@@ -162,12 +162,12 @@ def test_wandb_offline_writes_a_run_with_the_logged_metrics(tmp_path, monkeypatc
     cfg = digits_config(tmp_path, epochs=2, wandb={'mode': 'offline', 'project': 'distill-test'})
     Trainer(from_dict(cfg), quiet=True).fit()
     runs = glob.glob(str(tmp_path / 'run' / 'wandb' / 'offline-run-*'))
-    assert len(runs) == 1
+    assert len(runs) == 1, os.listdir(tmp_path / 'run')
     records = glob.glob(os.path.join(runs[0], 'run-*.wandb'))
-    assert len(records) == 1
+    assert len(records) == 1, os.listdir(runs[0])
     payload = open(records[0], 'rb').read()
     for key in (b'val_top1', b'val_top5', b'train_loss', b'train_ce', b'best_top1'):
-        assert key in payload
+        assert key in payload, (key, len(payload), os.listdir(runs[0]))
 
 
 @register_loss('test_nan_after')

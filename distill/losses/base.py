@@ -4,9 +4,10 @@ The engine never names a method: it builds each configured term from this regist
 needs the teacher, and sums ``weight * term(step)``.
 """
 import difflib
+import functools
 import inspect
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,29 @@ class StepOutputs:
     teacher_logits: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
     epoch: int = 0
+    # Features of every tap any term asked for, keyed by tap (stage index, module path or 'pre_logits').
+    student_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
+    teacher_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 class LossTerm(nn.Module):
-    """A thin module around a plain loss function. ``requires_teacher`` tells the engine to run the teacher."""
+    """A thin module around a plain loss function.
+
+    ``requires_teacher`` tells the engine to run the teacher; ``student_layers`` / ``teacher_layers`` name the
+    feature taps the term reads from ``step.student_features`` / ``step.teacher_features``. ``setup`` receives
+    the models and their feature shapes from one dry run, to resolve default taps and size adapters (their
+    parameters train with the student and are checkpointed, but are not part of the exported student).
+    """
     requires_teacher: bool = False
+    student_layers: Sequence[Union[int, str]] = ()
+    teacher_layers: Sequence[Union[int, str]] = ()
+
+    def resolve_layers(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        """Fix ``student_layers``/``teacher_layers`` for these models (e.g. 'every stage but the stem')."""
+
+    def setup(self, student_shapes: Dict[Union[int, str], torch.Size],
+              teacher_shapes: Dict[Union[int, str], torch.Size]) -> None:
+        """Build adapters from the feature shapes of one dry run."""
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         raise NotImplementedError
@@ -68,7 +87,32 @@ def create_loss(name: str, **options) -> LossTerm:
         raise DistillError(f"bad options for loss '{name}': {exc}") from None
 
 
-def fp32(*tensors: torch.Tensor):
-    """Losses are computed in float32 even under autocast: softmax/KL in bf16 loses the small probabilities
-    that carry the teacher's dark knowledge."""
-    return tuple(t.float() for t in tensors)
+def fp32_loss(fn: Callable) -> Callable:
+    """Run a loss function in float32 even under autocast (tensor arguments, and lists of them, are cast):
+    softmax/KL or Gram matrices in bf16 lose the small values that carry the teacher's knowledge."""
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.float()
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        return value
+
+    def first_tensor(values):
+        for value in values:
+            found = first_tensor(value) if isinstance(value, (list, tuple)) else value
+            if isinstance(found, torch.Tensor):
+                return found
+        return None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = first_tensor(list(args) + list(kwargs.values()))
+        with torch.autocast(first.device.type if first is not None else 'cpu', enabled=False):
+            return fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
+    return wrapper
+
+
+def stages_after_stem(model: nn.Module) -> list:
+    """Stage indices 1..n-1 of ``feature_info`` (RepDistiller's ``feat[1:-1]``: every stage but the stem)."""
+    from ..features import feature_info_list
+    return list(range(1, len(feature_info_list(model))))

@@ -3,15 +3,14 @@ Inception Architecture", CVPR 2016). Default weight in the CRD benchmark's KD re
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32, register_loss
+from .base import LossTerm, StepOutputs, fp32_loss, register_loss
 
 
+@fp32_loss
 def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                        label_smoothing: float = 0.0) -> torch.Tensor:
     """Batch-mean cross-entropy, in float32."""
-    with torch.autocast(student_logits.device.type, enabled=False):
-        (logits,) = fp32(student_logits)
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
 
 
 @register_loss('ce')

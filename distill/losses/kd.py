@@ -8,17 +8,16 @@ cross-entropy weight 0.1.
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32, register_loss
+from .base import LossTerm, StepOutputs, fp32_loss, register_loss
 
 
+@fp32_loss
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """T^2 * KL(p_teacher || p_student) at temperature T, batch mean, computed in float32."""
-    with torch.autocast(student_logits.device.type, enabled=False):
-        student, teacher = fp32(student_logits, teacher_logits)
-        log_p_student = F.log_softmax(student / temperature, dim=1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
-        return kl * temperature ** 2
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
+    return kl * temperature ** 2
 
 
 @register_loss('kd')
