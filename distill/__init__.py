@@ -6,10 +6,13 @@ from . import models  # noqa: F401  (registers the cifar_* models in timm)
 from .config import Config, load_config
 from .distiller import Distiller
 from .errors import DistillError
-from .losses import create_loss, cross_entropy_loss, kd_loss, list_losses, register_loss
+from .features import FeatureExtractor
+from .losses import (LossTerm, SetupContext, StepOutputs, create_loss, cross_entropy_loss, kd_loss, list_losses,
+                     register_loss)
 from .models import load_weights
 from .trainer import Trainer, evaluate
 
 __version__ = '0.1.0'
-__all__ = ['Config', 'load_config', 'Distiller', 'DistillError', 'create_loss', 'cross_entropy_loss', 'kd_loss',
-           'list_losses', 'register_loss', 'load_weights', 'Trainer', 'evaluate']
+__all__ = ['Config', 'load_config', 'Distiller', 'DistillError', 'FeatureExtractor', 'LossTerm', 'SetupContext',
+           'StepOutputs', 'create_loss', 'cross_entropy_loss', 'kd_loss', 'list_losses', 'register_loss',
+           'load_weights', 'Trainer', 'evaluate']

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .errors import DistillError
 from .features import FeatureExtractor, probe_shapes
-from .losses import LossTerm, StepOutputs, create_loss
+from .losses import LossTerm, SetupContext, StepOutputs, create_loss
 
 # A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
 LossSpec = Union[float, Dict[str, Any], Tuple[float, LossTerm]]
@@ -42,7 +42,8 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module,
-                 losses: Mapping[str, LossSpec] = (('ce', 1.0),), input_size: Optional[Sequence[int]] = None):
+                 losses: Mapping[str, LossSpec] = (('ce', 1.0),), input_size: Optional[Sequence[int]] = None,
+                 train_targets: Optional[torch.Tensor] = None):
         super().__init__()
         self.student = student
         self.loss_terms, self.loss_weights = build_loss_terms(dict(losses))
@@ -55,24 +56,27 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-        self._setup_taps(input_size)
+        self._setup_terms(input_size, train_targets)
 
-    def _setup_taps(self, input_size: Optional[Sequence[int]]) -> None:
+    def _setup_terms(self, input_size: Optional[Sequence[int]], train_targets: Optional[torch.Tensor]) -> None:
         """One extractor per model over the union of every term's taps; one dry run sizes the adapters."""
         for term in self.loss_terms.values():
             term.resolve_layers(self.student, self.teacher)
         student_layers = _unique(layer for term in self.loss_terms.values() for layer in term.student_layers)
         teacher_layers = _unique(layer for term in self.loss_terms.values() for layer in term.teacher_layers)
+        if teacher_layers and self.teacher is None:
+            raise DistillError(f"loss terms read teacher features {teacher_layers} but no teacher is configured")
         self.student_extractor = FeatureExtractor(self.student, student_layers)
         self.teacher_extractor = FeatureExtractor(self.teacher, teacher_layers) if self.teacher is not None else None
-        if not (student_layers or teacher_layers):
-            return
-        input_size = tuple(input_size or getattr(self.student, 'pretrained_cfg', {}).get('input_size', (3, 224, 224)))
-        student_shapes = dict(zip(student_layers, probe_shapes(self.student_extractor, input_size)))
-        teacher_shapes = dict(zip(teacher_layers, probe_shapes(self.teacher_extractor, input_size))) \
-            if teacher_layers else {}
+        context = SetupContext(num_classes=getattr(self.student, 'num_classes', None), train_targets=train_targets)
+        if student_layers or teacher_layers:
+            input_size = tuple(input_size or getattr(self.student, 'pretrained_cfg', {}).get('input_size',
+                                                                                           (3, 224, 224)))
+            context.student_shapes = dict(zip(student_layers, probe_shapes(self.student_extractor, input_size)))
+            if teacher_layers:
+                context.teacher_shapes = dict(zip(teacher_layers, probe_shapes(self.teacher_extractor, input_size)))
         for term in self.loss_terms.values():
-            term.setup(student_shapes, teacher_shapes)
+            term.setup(context)
 
     def train(self, mode: bool = True) -> 'Distiller':
         super().train(mode)

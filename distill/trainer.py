@@ -134,7 +134,8 @@ class Trainer:
         student = create_model(cfg.student, self.data.num_classes, 'student')
         teacher = create_model(cfg.teacher, self.data.num_classes, 'teacher') if cfg.teacher else None
         self.distiller = Distiller(teacher, student, cfg.losses,
-                                   input_size=(3, cfg.data.image_size, cfg.data.image_size)).to(self.device)
+                                   input_size=(3, cfg.data.image_size, cfg.data.image_size),
+                                   train_targets=self.data.train.split.labels).to(self.device)
         self.trainable = self.distiller.trainable_modules()
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)

@@ -13,7 +13,8 @@ import distill  # noqa: F401  (registers the cifar_ models)
 from distill import Distiller
 from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
-from distill.losses import at_loss, dkd_loss, fitnet_loss, kd_loss, list_losses, pkt_loss, rkd_loss, sp_loss
+from distill.losses import (at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, kd_loss, list_losses, nst_loss,
+                            pkt_loss, rkd_loss, sp_loss)
 from distill.trainer import Trainer
 from helpers import digits_config, strip_times
 
@@ -120,6 +121,69 @@ def ref_dkd(logits_student, logits_teacher, target, alpha=1.0, beta=8.0, tempera
     return alpha * tckd_loss + beta * nckd_loss
 
 
+def ref_kd_logit_standardized(logits_student_in, logits_teacher_in, temperature=2.0):
+    """sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py: kd_loss with logit_stand=True."""
+    def normalize(logit):
+        mean = logit.mean(dim=-1, keepdims=True)
+        stdv = logit.std(dim=-1, keepdims=True)
+        return (logit - mean) / (1e-7 + stdv)
+
+    logits_student = normalize(logits_student_in)
+    logits_teacher = normalize(logits_teacher_in)
+    log_pred_student = F.log_softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+    loss_kd = F.kl_div(log_pred_student, pred_teacher, reduction="none").sum(1).mean()
+    return loss_kd * temperature ** 2
+
+
+def ref_dist(logits_s, logits_t, beta=2.0, gamma=2.0, T=4.0):
+    """hunto/image_classification_sota lib/models/losses/dist_kd.py: DIST.forward and helpers."""
+    def cosine_similarity(a, b, eps=1e-8):
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    def pearson_correlation(a, b, eps=1e-8):
+        return cosine_similarity(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1), eps)
+
+    def inter_class_relation(y_s, y_t):
+        return 1 - pearson_correlation(y_s, y_t).mean()
+
+    def intra_class_relation(y_s, y_t):
+        return inter_class_relation(y_s.transpose(0, 1), y_t.transpose(0, 1))
+
+    y_s = (logits_s / T).softmax(dim=1)
+    y_t = (logits_t / T).softmax(dim=1)
+    inter_loss = T ** 2 * inter_class_relation(y_s, y_t)
+    intra_loss = T ** 2 * intra_class_relation(y_s, y_t)
+    return beta * inter_loss + gamma * intra_loss
+
+
+def ref_nst(g_s, g_t):
+    """RepDistiller distiller_zoo/NST.py: NSTLoss.nst_loss (full_loss) and poly_kernel, summed over pairs."""
+    def poly_kernel(a, b):
+        a = a.unsqueeze(1)
+        b = b.unsqueeze(2)
+        return (a * b).sum(-1).pow(2)
+
+    losses = []
+    for f_s, f_t in zip(g_s, g_t):
+        s_H, t_H = f_s.shape[2], f_t.shape[2]
+        if s_H > t_H:
+            f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
+        elif s_H < t_H:
+            f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+        f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+        f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+        losses.append(poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean()
+                      - 2 * poly_kernel(f_s, f_t).mean())
+    return sum(losses)
+
+
+def ref_cc(f_s, f_t):
+    """RepDistiller distiller_zoo/CC.py: Correlation.forward (on the embedded features)."""
+    delta = torch.abs(f_s - f_t)
+    return torch.mean((delta[:-1] * delta[1:]).sum(1))
+
+
 def ref_fitnet(f_s, f_t):
     """RepDistiller distiller_zoo/FitNet.py: HintLoss = nn.MSELoss()."""
     return torch.nn.MSELoss()(f_s, f_t)
@@ -146,7 +210,19 @@ CASES = {
     'pkt': (pkt_loss, ref_pkt, lambda g: _maps(g, (6, 16), (6, 32)), ()),
     'rkd': (rkd_loss, ref_rkd, lambda g: _maps(g, (6, 16), (6, 32)), ()),
     'dkd': (dkd_loss, ref_dkd, _logits, (TARGETS, 1.0, 8.0, 4.0)),
+    'dkd_logit_standardization': (lambda s, t: dkd_loss(s, t, TARGETS, 1.0, 8.0, 2.0, True),
+                                  lambda s, t: ref_dkd(_zscore(s), _zscore(t), TARGETS, 1.0, 8.0, 2.0), _logits, ()),
+    'kd_logit_standardization': (lambda s, t: kd_loss(s, t, 2.0, True), ref_kd_logit_standardized, _logits, ()),
+    'dist': (lambda s, t: dist_loss(s, t, 2.0, 2.0, 4.0), ref_dist, _logits, ()),
+    'nst': (nst_loss, ref_nst,
+            lambda g: [_maps(g, (4, 8, 8, 8), (4, 16, 4, 4)), _maps(g, (4, 32, 4, 4), (4, 8, 8, 8))], ()),
+    'cc': (cc_loss, ref_cc, lambda g: [F.normalize(x) for x in _maps(g, (6, 16), (6, 16))], ()),
 }
+
+
+def _zscore(logits):
+    """The paper's Z-score (Sun et al. 2024, Algorithm 1), with the official code's unbiased std and eps."""
+    return (logits - logits.mean(-1, keepdim=True)) / (1e-7 + logits.std(-1, keepdim=True))
 
 
 def _leaves(value):
@@ -181,13 +257,16 @@ def test_dkd_equals_kd_decomposition_at_alpha_beta_one_weighted_by_target_probab
 
 
 def test_every_registered_method_has_a_reference_test():
-    untested = set(list_losses()) - set(CASES) - {'ce', 'kd'} - {n for n in list_losses() if n.startswith('test_')}
+    tested = set(CASES) | {'ce', 'kd', 'vid', 'crd'}  # vid, crd: module tests below
+    untested = set(list_losses()) - tested - {n for n in list_losses() if n.startswith('test_')}
     assert not untested, f'methods without a reference test: {sorted(untested)}'
 
 
 # --- through the engine ---------------------------------------------------------------------------------
 
-METHODS = {name: {'weight': 1.0} for name in CASES}
+METHODS = {name: {'weight': 1.0} for name in list_losses() if name not in ('ce', 'kd') and not name.startswith('test_')}
+METHODS['crd'] = {'weight': 1.0, 'negatives': 64}
+TRAIN_TARGETS = torch.arange(40) % 10  # the engine's tests index a 40-sample "training set"
 
 
 def _pair(teacher_name, student_name, num_classes=10, **kwargs):
@@ -212,7 +291,8 @@ def _one_step(distiller, images, targets):
 @pytest.mark.parametrize('method', sorted(METHODS))
 def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
     teacher, student = _pair('cifar_resnet8x4', 'cifar_resnet8')
-    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 16, 16))
+    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 16, 16),
+                          train_targets=TRAIN_TARGETS)
     images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     output = _one_step(distiller, images, targets)
     assert set(output['terms']) == {'ce', method}
@@ -223,10 +303,10 @@ def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     # the term alone sends gradient into the student's body (not only through the CE head)
     distiller.zero_grad(set_to_none=True)
-    alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16))
-    alone.loss_terms.load_state_dict(distiller.loss_terms.state_dict())
+    alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16),
+                      train_targets=TRAIN_TARGETS)
     alone.train()
-    alone(images, targets, epoch=0)['loss'].backward()
+    alone(images, targets, indices=torch.arange(8), epoch=0)['loss'].backward()
     assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
 
 
@@ -235,10 +315,12 @@ def test_features_come_from_one_forward_per_model():
     calls = {'teacher': 0, 'student': 0}
     teacher.conv1.register_forward_hook(lambda *a: calls.__setitem__('teacher', calls['teacher'] + 1))
     student.conv1.register_forward_hook(lambda *a: calls.__setitem__('student', calls['student'] + 1))
-    distiller = Distiller(teacher, student, {'ce': 1.0, 'kd': 1.0, **METHODS}, input_size=(3, 16, 16))
+    distiller = Distiller(teacher, student, {'ce': 1.0, 'kd': 1.0, **METHODS}, input_size=(3, 16, 16),
+                          train_targets=TRAIN_TARGETS)
     calls.update(teacher=0, student=0)  # the dry run that sized the adapters
     distiller.train()
-    distiller(torch.randn(8, 3, 16, 16), torch.arange(8) % 10)
+    targets = torch.arange(8) % 10
+    distiller(torch.randn(8, 3, 16, 16), targets, indices=torch.arange(8))
     assert calls == {'teacher': 1, 'student': 1}
 
 
@@ -252,7 +334,8 @@ def test_method_runs_on_cnn_vit_pairs(method, teacher_name, student_name):
     kwargs = {role: vit_kwargs for role, name in (('teacher', teacher_name), ('student', student_name))
               if name.startswith('vit')}
     teacher, student = _pair(teacher_name, student_name, **kwargs)
-    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 32, 32))
+    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 32, 32),
+                          train_targets=TRAIN_TARGETS)
     output = _one_step(distiller, torch.randn(4, 3, 32, 32), torch.arange(4))
     assert output['terms'][method] > 0
 
@@ -284,3 +367,163 @@ def test_adapters_train_are_checkpointed_resume_exactly_and_stay_out_of_the_expo
     assert strip_times(metrics[0]) == strip_times(metrics[1]) and 'train_fitnet' in metrics[0][0]
     exported = load_file(str(tmp_path / 'full' / 'student_last.safetensors'))
     assert exported.keys() == timm.create_model('cifar_resnet8', num_classes=10).state_dict().keys()
+
+
+def test_vid_matches_repdistiller_vidloss():
+    """RepDistiller distiller_zoo/VID.py VIDLoss, transcribed, with our regressor's weights."""
+    from distill.losses.vid import VIDLoss
+
+    class RefVIDLoss(torch.nn.Module):
+        def __init__(self, num_input_channels, num_mid_channel, num_target_channels, init_pred_var=5.0, eps=1e-5):
+            super().__init__()
+
+            def conv1x1(in_channels, out_channels, stride=1):
+                return torch.nn.Conv2d(in_channels, out_channels, kernel_size=1, padding=0, bias=False, stride=stride)
+            self.regressor = torch.nn.Sequential(
+                conv1x1(num_input_channels, num_mid_channel), torch.nn.ReLU(),
+                conv1x1(num_mid_channel, num_mid_channel), torch.nn.ReLU(),
+                conv1x1(num_mid_channel, num_target_channels))
+            import numpy as np
+            self.log_scale = torch.nn.Parameter(
+                np.log(np.exp(init_pred_var - eps) - 1.0) * torch.ones(num_target_channels))
+            self.eps = eps
+
+        def forward(self, input, target):
+            s_H, t_H = input.shape[2], target.shape[2]
+            if s_H > t_H:
+                input = F.adaptive_avg_pool2d(input, (t_H, t_H))
+            elif s_H < t_H:
+                target = F.adaptive_avg_pool2d(target, (s_H, s_H))
+            pred_mean = self.regressor(input)
+            pred_var = torch.log(1.0 + torch.exp(self.log_scale)) + self.eps
+            pred_var = pred_var.view(1, -1, 1, 1)
+            neg_log_prob = 0.5 * ((pred_mean - target) ** 2 / pred_var + torch.log(pred_var))
+            return torch.mean(neg_log_prob)
+
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(4, 8, 8, 8, generator=gen), torch.randn(4, 16, 4, 4, generator=gen)]
+    teacher = [torch.randn(4, 12, 4, 4, generator=gen), torch.randn(4, 24, 8, 8, generator=gen)]
+    term = VIDLoss(student_layers=[1, 2], teacher_layers=[1, 2])
+    term.setup(distill.SetupContext(student_shapes={1: student[0].shape, 2: student[1].shape},
+                                    teacher_shapes={1: teacher[0].shape, 2: teacher[1].shape}))
+    refs = [RefVIDLoss(s.shape[1], t.shape[1], t.shape[1]) for s, t in zip(student, teacher)]
+    for ref, ours in zip(refs, term.regressors):
+        for ref_conv, our_conv in zip(ref.regressor[::2], ours.mean[::2]):
+            ref_conv.weight.data.copy_(our_conv.weight.data)
+        torch.testing.assert_close(ref.log_scale.data, ours.log_scale.data)
+    step = distill.StepOutputs(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long),
+                               student_features={1: student[0], 2: student[1]},
+                               teacher_features={1: teacher[0], 2: teacher[1]})
+    ours = term(step)
+    ref = sum(r(s, t) for r, s, t in zip(refs, student, teacher))
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(term.regressors[0].log_scale.grad, refs[0].log_scale.grad)
+    torch.testing.assert_close(term.regressors[1].mean[0].weight.grad, refs[1].regressor[0].weight.grad)
+
+
+class RefContrastMemory(torch.nn.Module):
+    """RepDistiller crd/memory.py ContrastMemory.forward (with contrast_idx given), transcribed."""
+
+    def __init__(self, memory_v1, memory_v2, K, T=0.07, momentum=0.5):
+        super().__init__()
+        self.K = K
+        self.params = torch.tensor([K, T, -1, -1, momentum])
+        self.memory_v1, self.memory_v2 = memory_v1.clone(), memory_v2.clone()
+
+    def forward(self, v1, v2, y, idx):
+        K = int(self.params[0].item())
+        T = self.params[1].item()
+        Z_v1 = self.params[2].item()
+        Z_v2 = self.params[3].item()
+        momentum = self.params[4].item()
+        batchSize = v1.size(0)
+        outputSize = self.memory_v1.size(0)
+        inputSize = self.memory_v1.size(1)
+        weight_v1 = torch.index_select(self.memory_v1, 0, idx.view(-1)).detach()
+        weight_v1 = weight_v1.view(batchSize, K + 1, inputSize)
+        out_v2 = torch.bmm(weight_v1, v2.view(batchSize, inputSize, 1))
+        out_v2 = torch.exp(torch.div(out_v2, T))
+        weight_v2 = torch.index_select(self.memory_v2, 0, idx.view(-1)).detach()
+        weight_v2 = weight_v2.view(batchSize, K + 1, inputSize)
+        out_v1 = torch.bmm(weight_v2, v1.view(batchSize, inputSize, 1))
+        out_v1 = torch.exp(torch.div(out_v1, T))
+        if Z_v1 < 0:
+            self.params[2] = out_v1.mean() * outputSize
+            Z_v1 = self.params[2].clone().detach().item()
+        if Z_v2 < 0:
+            self.params[3] = out_v2.mean() * outputSize
+            Z_v2 = self.params[3].clone().detach().item()
+        out_v1 = torch.div(out_v1, Z_v1).contiguous()
+        out_v2 = torch.div(out_v2, Z_v2).contiguous()
+        with torch.no_grad():
+            l_pos = torch.index_select(self.memory_v1, 0, y.view(-1))
+            l_pos.mul_(momentum)
+            l_pos.add_(torch.mul(v1, 1 - momentum))
+            l_norm = l_pos.pow(2).sum(1, keepdim=True).pow(0.5)
+            self.memory_v1.index_copy_(0, y, l_pos.div(l_norm))
+            ab_pos = torch.index_select(self.memory_v2, 0, y.view(-1))
+            ab_pos.mul_(momentum)
+            ab_pos.add_(torch.mul(v2, 1 - momentum))
+            ab_norm = ab_pos.pow(2).sum(1, keepdim=True).pow(0.5)
+            self.memory_v2.index_copy_(0, y, ab_pos.div(ab_norm))
+        return out_v1, out_v2
+
+
+def ref_contrast_loss(x, n_data, eps=1e-7):
+    """RepDistiller crd/criterion.py ContrastLoss.forward."""
+    bsz = x.shape[0]
+    m = x.size(1) - 1
+    Pn = 1. / float(n_data)
+    P_pos = x.select(1, 0)
+    log_D1 = torch.div(P_pos, P_pos.add(m * Pn + eps)).log_()
+    P_neg = x.narrow(1, 1, m)
+    log_D0 = torch.div(P_neg.clone().fill_(m * Pn), P_neg.add(m * Pn + eps)).log_()
+    return - (log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz
+
+
+def test_crd_matches_repdistiller_memory_loss_and_update():
+    from distill.losses.crd import CRDLoss
+    train_targets = torch.arange(50) % 5
+    term = CRDLoss(embed_dim=16, negatives=12)
+    term.setup(distill.SetupContext(student_shapes={'pre_logits': torch.Size([2, 8])},
+                                    teacher_shapes={'pre_logits': torch.Size([2, 24])}, train_targets=train_targets))
+    ref_memory = RefContrastMemory(term.student_memory, term.teacher_memory, K=12)
+    gen = torch.Generator().manual_seed(0)
+    for step_index in range(3):  # the first call fixes Z, later ones use it and the updated memories
+        indices = torch.randperm(50, generator=gen)[:6]
+        student = torch.randn(6, 8, generator=gen, requires_grad=True)
+        teacher = torch.randn(6, 24, generator=gen)
+        targets = train_targets[indices]
+        torch.manual_seed(step_index)
+        negatives = term.sampler(targets, 12)
+        assert not (train_targets[negatives] == targets[:, None]).any()  # 'exact' mode: other classes only
+        torch.manual_seed(step_index)
+        ours = term(distill.StepOutputs(torch.zeros(6, 5), targets, indices=indices,
+                                        student_features={'pre_logits': student},
+                                        teacher_features={'pre_logits': teacher}))
+        our_grad, = torch.autograd.grad(ours, student)
+
+        student_ref = student.detach().clone().requires_grad_()
+        f_s, f_t = term.embed_student(student_ref), term.embed_teacher(teacher)
+        out_s, out_t = ref_memory(f_s, f_t, indices, torch.cat([indices[:, None], negatives], 1))
+        ref = ref_contrast_loss(out_s, 50) + ref_contrast_loss(out_t, 50)
+        ref_grad, = torch.autograd.grad(ref.sum(), student_ref)
+        torch.testing.assert_close(ours, ref.reshape(()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(our_grad, ref_grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(term.student_memory, ref_memory.memory_v1)
+        torch.testing.assert_close(term.teacher_memory, ref_memory.memory_v2)
+    torch.testing.assert_close(term.normalizers, ref_memory.params[2:4].float())
+
+
+def test_crd_negative_sampler_is_uniform_over_other_classes():
+    from distill.losses.crd import NegativeSampler
+    train_targets = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
+    sampler = NegativeSampler(train_targets)
+    torch.manual_seed(0)
+    negatives = sampler(torch.tensor([1]), 90000)[0]
+    counts = torch.bincount(negatives, minlength=100).float()
+    assert counts[10:40].sum() == 0  # never its own class
+    others = torch.cat([counts[:10], counts[40:]])
+    assert others.min() > 0 and (others.std() / others.mean()) < 0.05  # 70 others, ~1286 draws each

@@ -1,5 +1,5 @@
 """Loss terms: each a plain function plus a thin registered module (``create_loss(name, **options)``)."""
-from .base import LossTerm, StepOutputs, create_loss, list_losses, register_loss
+from .base import LossTerm, SetupContext, StepOutputs, create_loss, list_losses, register_loss
 from .ce import CrossEntropyLoss, cross_entropy_loss
 from .kd import KDLoss, kd_loss
 from .fitnet import FitNetLoss, fitnet_loss
@@ -8,8 +8,14 @@ from .sp import SPLoss, sp_loss
 from .pkt import PKTLoss, pkt_loss
 from .rkd import RKDLoss, rkd_loss
 from .dkd import DKDLoss, dkd_loss
+from .dist import DISTLoss, dist_loss
+from .nst import NSTLoss, nst_loss
+from .cc import CCLoss, cc_loss
+from .vid import VIDLoss, vid_loss
+from .crd import CRDLoss, crd_loss
 
-__all__ = ['LossTerm', 'StepOutputs', 'create_loss', 'list_losses', 'register_loss',
+__all__ = ['LossTerm', 'SetupContext', 'StepOutputs', 'create_loss', 'list_losses', 'register_loss',
            'CrossEntropyLoss', 'cross_entropy_loss', 'KDLoss', 'kd_loss', 'FitNetLoss', 'fitnet_loss',
            'ATLoss', 'at_loss', 'SPLoss', 'sp_loss', 'PKTLoss', 'pkt_loss', 'RKDLoss', 'rkd_loss',
-           'DKDLoss', 'dkd_loss']
+           'DKDLoss', 'dkd_loss', 'DISTLoss', 'dist_loss', 'NSTLoss', 'nst_loss', 'CCLoss', 'cc_loss', 'VIDLoss',
+           'vid_loss', 'CRDLoss', 'crd_loss']

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss, stages_after_stem
+from .base import PairedStagesLoss, StepOutputs, fp32_loss, pool_to_smaller, register_loss
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -21,31 +21,17 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 def at_loss(student_features: List[torch.Tensor], teacher_features: List[torch.Tensor], p: float = 2.0) -> torch.Tensor:
     total = 0.0
     for student, teacher in zip(student_features, teacher_features):
-        s_h, t_h = student.shape[2], teacher.shape[2]
-        if s_h > t_h:
-            student = F.adaptive_avg_pool2d(student, (t_h, t_h))
-        elif s_h < t_h:
-            teacher = F.adaptive_avg_pool2d(teacher, (s_h, s_h))
+        student, teacher = pool_to_smaller(student, teacher)
         total = total + (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
     return total
 
 
 @register_loss('at')
-class ATLoss(LossTerm):
-    requires_teacher = True
-
+class ATLoss(PairedStagesLoss):
     def __init__(self, p: float = 2.0, student_layers: Optional[Sequence[Union[int, str]]] = None,
                  teacher_layers: Optional[Sequence[Union[int, str]]] = None):
-        super().__init__()
+        super().__init__(student_layers, teacher_layers)
         self.p = p
-        self.student_layers, self.teacher_layers = student_layers, teacher_layers
-
-    def resolve_layers(self, student, teacher) -> None:
-        student_layers = list(self.student_layers) if self.student_layers is not None else stages_after_stem(student)
-        teacher_layers = list(self.teacher_layers) if self.teacher_layers is not None else stages_after_stem(teacher)
-        pairs = min(len(student_layers), len(teacher_layers))
-        self.student_layers, self.teacher_layers = student_layers[:pairs], teacher_layers[:pairs]
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
-        return at_loss([step.student_features[layer] for layer in self.student_layers],
-                       [step.teacher_features[layer] for layer in self.teacher_layers], self.p)
+        return at_loss(*self.feature_pairs(step), self.p)

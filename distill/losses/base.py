@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import DistillError
 
@@ -28,13 +29,23 @@ class StepOutputs:
     teacher_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class SetupContext:
+    """What a term may size itself from, once, before training: feature shapes of one dry run (keyed like
+    ``StepOutputs.*_features``) and the training set (for memory banks such as CRD's)."""
+    student_shapes: Dict[Union[int, str], torch.Size] = field(default_factory=dict)
+    teacher_shapes: Dict[Union[int, str], torch.Size] = field(default_factory=dict)
+    num_classes: Optional[int] = None
+    train_targets: Optional[torch.Tensor] = None  # labels of the training set, indexed like StepOutputs.indices
+
+
 class LossTerm(nn.Module):
     """A thin module around a plain loss function.
 
     ``requires_teacher`` tells the engine to run the teacher; ``student_layers`` / ``teacher_layers`` name the
-    feature taps the term reads from ``step.student_features`` / ``step.teacher_features``. ``setup`` receives
-    the models and their feature shapes from one dry run, to resolve default taps and size adapters (their
-    parameters train with the student and are checkpointed, but are not part of the exported student).
+    feature taps the term reads from ``step.student_features`` / ``step.teacher_features`` (``resolve_layers``
+    may choose them per model). ``setup`` builds adapters from a ``SetupContext``; their parameters train with
+    the student and are checkpointed, but are not part of the exported student.
     """
     requires_teacher: bool = False
     student_layers: Sequence[Union[int, str]] = ()
@@ -43,9 +54,8 @@ class LossTerm(nn.Module):
     def resolve_layers(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         """Fix ``student_layers``/``teacher_layers`` for these models (e.g. 'every stage but the stem')."""
 
-    def setup(self, student_shapes: Dict[Union[int, str], torch.Size],
-              teacher_shapes: Dict[Union[int, str], torch.Size]) -> None:
-        """Build adapters from the feature shapes of one dry run."""
+    def setup(self, context: SetupContext) -> None:
+        """Build adapters (and buffers such as memory banks) once the shapes and the data are known."""
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         raise NotImplementedError
@@ -116,3 +126,34 @@ def stages_after_stem(model: nn.Module) -> list:
     """Stage indices 1..n-1 of ``feature_info`` (RepDistiller's ``feat[1:-1]``: every stage but the stem)."""
     from ..features import feature_info_list
     return list(range(1, len(feature_info_list(model))))
+
+
+def pool_to_smaller(student: torch.Tensor, teacher: torch.Tensor):
+    """Average-pool the larger of two feature maps to the other's height (RepDistiller AT/NST/VID)."""
+    s_h, t_h = student.shape[2], teacher.shape[2]
+    if s_h > t_h:
+        student = F.adaptive_avg_pool2d(student, (t_h, t_h))
+    elif s_h < t_h:
+        teacher = F.adaptive_avg_pool2d(teacher, (s_h, s_h))
+    return student, teacher
+
+
+class PairedStagesLoss(LossTerm):
+    """A term over pairs of stages: by default every stage but the stem of each model, paired in order and
+    truncated to the shorter list (RepDistiller's ``zip(feat_s[1:-1], feat_t[1:-1])``)."""
+    requires_teacher = True
+
+    def __init__(self, student_layers: Optional[Sequence[Union[int, str]]] = None,
+                 teacher_layers: Optional[Sequence[Union[int, str]]] = None):
+        super().__init__()
+        self.student_layers, self.teacher_layers = student_layers, teacher_layers
+
+    def resolve_layers(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        student_layers = list(self.student_layers) if self.student_layers is not None else stages_after_stem(student)
+        teacher_layers = list(self.teacher_layers) if self.teacher_layers is not None else stages_after_stem(teacher)
+        pairs = min(len(student_layers), len(teacher_layers))
+        self.student_layers, self.teacher_layers = student_layers[:pairs], teacher_layers[:pairs]
+
+    def feature_pairs(self, step: StepOutputs):
+        return ([step.student_features[layer] for layer in self.student_layers],
+                [step.teacher_features[layer] for layer in self.teacher_layers])

@@ -5,17 +5,22 @@ non-target-class KD (NCKD: KL between the distributions over the other classes),
 loss = alpha * TCKD + beta * NCKD. Follows mdistiller ``distillers/DKD.py`` (the official code): NCKD masks the
 target logit by subtracting 1000 before the softmax, and the loss is scaled by min(epoch / warmup, 1) with
 mdistiller's 1-based epochs, i.e. (epoch + 1) / warmup with ours. Defaults on CIFAR-100: alpha 1, beta 8 (2 for
-resnet56/110 teachers, 6 for WRN and VGG pairs), T = 4, warm-up 20 epochs, weight 1 with CE 1.
+resnet56/110 teachers, 6 for WRN and VGG pairs), T = 4, warm-up 20 epochs, weight 1 with CE 1. Option
+``logit_standardization`` z-scores both logits first (Sun et al., CVPR 2024; see ``kd.py``).
 """
 import torch
 import torch.nn.functional as F
 
 from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .kd import check_temperature, standardize_logits
 
 
 @fp32_loss
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+             logit_standardization: bool = False) -> torch.Tensor:
+    if logit_standardization:
+        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     batch = targets.shape[0]
     gt_mask = F.one_hot(targets, student_logits.shape[1]).to(student_logits.dtype)
     p_student = F.softmax(student_logits / temperature, dim=1)
@@ -34,11 +39,14 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
 class DKDLoss(LossTerm):
     requires_teacher = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,
+                 logit_standardization: bool = False):
         super().__init__()
+        check_temperature(temperature)
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
+        self.logit_standardization = logit_standardization
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         ramp = min((step.epoch + 1) / self.warmup, 1.0) if self.warmup > 0 else 1.0
         return ramp * dkd_loss(step.student_logits, step.teacher_logits, step.targets, self.alpha, self.beta,
-                               self.temperature)
+                               self.temperature, self.logit_standardization)

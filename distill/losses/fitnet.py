@@ -55,8 +55,9 @@ class FitNetLoss(LossTerm):
         super().__init__()
         self.student_layers, self.teacher_layers = [student_layer], [teacher_layer]
 
-    def setup(self, student_shapes, teacher_shapes) -> None:
-        self.regressor = ConvRegressor(student_shapes[self.student_layers[0]], teacher_shapes[self.teacher_layers[0]])
+    def setup(self, context) -> None:
+        self.regressor = ConvRegressor(context.student_shapes[self.student_layers[0]],
+                                       context.teacher_shapes[self.teacher_layers[0]])
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         student_hint = self.regressor(step.student_features[self.student_layers[0]])
