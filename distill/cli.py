@@ -1,4 +1,4 @@
-"""The ``distill`` command: train, eval, demo, models. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, eval, demo, models, methods. User mistakes print one line and exit with code 2."""
 import argparse
 import os
 import sys
@@ -64,6 +64,23 @@ def _models(args: argparse.Namespace) -> None:
     print('\n'.join(timm.list_models(args.pattern)))
 
 
+def method_table() -> str:
+    """A markdown table of the registered loss terms: paper, default weight and options, what each needs."""
+    import inspect
+    from .losses import list_losses
+    rows = ['| method | paper | weight | options (defaults) | needs |', '|---|---|---|---|---|']
+    for name, cls in sorted(list_losses().items()):
+        options = ', '.join(f'{p.name}={p.default!r}' for p in inspect.signature(cls.__init__).parameters.values()
+                            if p.name != 'self' and p.default is not inspect.Parameter.empty)
+        needs = ['teacher'] * cls.requires_teacher + list(cls.needs)
+        rows.append(f"| {name} | {cls.paper} | {cls.default_weight:g} | {options} | {', '.join(needs) or '-'} |")
+    return '\n'.join(rows)
+
+
+def _methods(args: argparse.Namespace) -> None:
+    print(method_table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='distill', description='Knowledge distillation on timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -90,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser('models', help='list timm model names (e.g. "cifar_*")')
     models.add_argument('pattern', nargs='?', default='cifar_*')
     models.set_defaults(func=_models)
+    methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, what each needs')
+    methods.set_defaults(func=_methods)
     return parser
 
 

@@ -13,7 +13,8 @@ LossSpec = Union[float, Dict[str, Any], Tuple[float, LossTerm]]
 
 
 def build_loss_terms(losses: Mapping[str, LossSpec]) -> Tuple[nn.ModuleDict, Dict[str, float]]:
-    """Turn ``{'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4}}`` into loss modules and their weights."""
+    """Turn ``{'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4}}`` into loss modules and their weights; a term
+    given as options without a weight (``{'fitnet': {}}``) gets its method's ``default_weight``."""
     if not losses:
         raise DistillError("no loss terms configured; set e.g. losses: {ce: 1.0}")
     modules, weights = nn.ModuleDict(), {}
@@ -22,8 +23,9 @@ def build_loss_terms(losses: Mapping[str, LossSpec]) -> Tuple[nn.ModuleDict, Dic
             weight, module = spec
         elif isinstance(spec, Mapping):
             options = dict(spec)
-            weight = options.pop('weight', 1.0)
+            weight = options.pop('weight', None)
             module = create_loss(name, **options)
+            weight = module.default_weight if weight is None else weight  # the reference recipes' weight
         else:
             weight, module = spec, create_loss(name)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):

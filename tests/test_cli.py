@@ -61,6 +61,31 @@ def _expect_error(capsys, argv, fragment):
 
 
 @pytest.mark.parametrize('overrides, fragment', [
+    (['losses.fitnet.student_layer=9'], 'feature tap 9 is out of range: CifarResNet has 4 stages'),
+    (['losses.fitnet.student_layer=layer7'], "feature tap 'layer7' is not a module of CifarResNet (did you mean 'layer3'?)"),
+    (['losses.at.p=x'], "losses.at.p must be float, got 'x'"),
+    (['losses.crd.negatives=1.5'], 'losses.crd.negatives must be int, got 1.5'),
+    (['losses.kd.logit_standardization=3'], 'losses.kd.logit_standardization must be bool, got 3'),
+    (['losses.dkd.temprature=4'], "unknown option losses.dkd.temprature (did you mean 'temperature'?)"),
+    (['losses.fitnet.weight=abc'], "losses.fitnet: weight must be a number, got 'abc'"),
+])
+def test_bad_method_options(tmp_path, capsys, overrides, fragment):
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
+    _expect_error(capsys, ['train', recipe, 'teacher.name=cifar_resnet8x4', *overrides], fragment)
+    assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').rglob('*.pt'))
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(['methods']) == 0
+    out = capsys.readouterr().out
+    for name, cls in distill.list_losses().items():
+        if not name.startswith('test_'):
+            assert f'| {name} | {cls.paper} | {cls.default_weight:g} |' in out
+    assert '| crd | Tian et al., ICLR 2020 | 0.8 | embed_dim=128, negatives=16384' in out
+    assert 'teacher, features, adapters, indices, labels |' in out
+
+
+@pytest.mark.parametrize('overrides, fragment', [
     (['trainer.epoch=3'], "unknown config key 'trainer.epoch' (did you mean 'trainer.epochs'?)"),
     (['optimizer.lr=fast'], "optimizer.lr must be float, got 'fast'"),
     (['student.name=cifar_resnet8x5'], "unknown model 'cifar_resnet8x5' for student.name (did you mean 'cifar_resnet8x4'?)"),

@@ -527,3 +527,10 @@ def test_crd_negative_sampler_is_uniform_over_other_classes():
     assert counts[10:40].sum() == 0  # never its own class
     others = torch.cat([counts[:10], counts[40:]])
     assert others.min() > 0 and (others.std() / others.mean()) < 0.05  # 70 others, ~1286 draws each
+
+
+def test_a_term_given_only_options_gets_its_reference_weight():
+    teacher, student = _pair('cifar_resnet8x4', 'cifar_resnet8')
+    distiller = Distiller(teacher, student, {'ce': 1.0, 'fitnet': {}, 'kd': {'temperature': 2.0}, 'at': 5.0},
+                          input_size=(3, 16, 16))
+    assert distiller.loss_weights == {'ce': 1.0, 'fitnet': 100.0, 'kd': 0.9, 'at': 5.0}

@@ -3,11 +3,13 @@
 The engine never names a method: it builds each configured term from this registry, asks whether the term
 needs the teacher, and sums ``weight * term(step)``.
 """
+import collections.abc
 import difflib
 import functools
 import inspect
+import typing
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Type, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +50,9 @@ class LossTerm(nn.Module):
     the student and are checkpointed, but are not part of the exported student.
     """
     requires_teacher: bool = False
+    paper: str = ''  # the method's paper, for `distill methods`
+    default_weight: float = 1.0  # the weight of the reference CIFAR-100 recipes
+    needs: Tuple[str, ...] = ()  # what the engine provides beyond logits: features, adapters, epoch, indices, labels
     student_layers: Sequence[Union[int, str]] = ()
     teacher_layers: Sequence[Union[int, str]] = ()
 
@@ -91,10 +96,39 @@ def create_loss(name: str, **options) -> LossTerm:
         if option not in accepted:
             raise DistillError(f"unknown option losses.{name}.{option}{nearest(option, accepted)}; "
                                f"'{name}' takes {accepted + ['weight']}")
+    hints = typing.get_type_hints(cls.__init__)
+    for option, value in options.items():
+        if option in hints and not _matches(value, hints[option]):
+            raise DistillError(f"losses.{name}.{option} must be {_type_name(hints[option])}, got {value!r}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise DistillError(f"bad options for loss '{name}': {exc}") from None
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a recipe value fits a loss option's annotation (ints pass as floats, bools never as numbers)."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin in (list, tuple, Sequence, collections.abc.Sequence):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else True
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is Union:
+        return ' or '.join(_type_name(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (list, tuple, Sequence, collections.abc.Sequence):
+        return f'a list of {_type_name(typing.get_args(annotation)[0])}'
+    return 'null' if annotation is type(None) else getattr(annotation, '__name__', str(annotation))
 
 
 def fp32_loss(fn: Callable) -> Callable:

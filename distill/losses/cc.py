@@ -33,6 +33,9 @@ def cc_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) ->
 
 @register_loss('cc')
 class CCLoss(LossTerm):
+    paper = 'Peng et al., ICCV 2019'
+    default_weight = 0.02
+    needs = ('features', 'adapters')
     requires_teacher = True
     student_layers = teacher_layers = (PRE_LOGITS,)
 

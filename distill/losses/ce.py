@@ -15,6 +15,8 @@ def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor,
 
 @register_loss('ce')
 class CrossEntropyLoss(LossTerm):
+    paper = 'Szegedy et al., CVPR 2016 (label smoothing)'
+    default_weight = 1.0
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:

@@ -81,6 +81,9 @@ class NegativeSampler(nn.Module):
 
 @register_loss('crd')
 class CRDLoss(LossTerm):
+    paper = 'Tian et al., ICLR 2020'
+    default_weight = 0.8
+    needs = ('features', 'adapters', 'indices', 'labels')
     requires_teacher = True
     student_layers = teacher_layers = (PRE_LOGITS,)
 

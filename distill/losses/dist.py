@@ -32,6 +32,8 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 
 @register_loss('dist')
 class DISTLoss(LossTerm):
+    paper = 'Huang et al., NeurIPS 2022'
+    default_weight = 1.0
     requires_teacher = True
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):

@@ -49,6 +49,9 @@ def fitnet_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch
 
 @register_loss('fitnet')
 class FitNetLoss(LossTerm):
+    paper = 'Romero et al., ICLR 2015'
+    default_weight = 100.0
+    needs = ('features', 'adapters')
     requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = 2, teacher_layer: Union[int, str] = 2):

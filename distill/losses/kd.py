@@ -40,6 +40,8 @@ def check_temperature(temperature: float) -> None:
 
 @register_loss('kd')
 class KDLoss(LossTerm):
+    paper = 'Hinton et al., NIPS-W 2015; logit standardization: Sun et al., CVPR 2024'
+    default_weight = 0.9
     requires_teacher = True
 
     def __init__(self, temperature: float = 4.0, logit_standardization: bool = False):

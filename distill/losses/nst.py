@@ -33,5 +33,8 @@ def nst_loss(student_features: List[torch.Tensor], teacher_features: List[torch.
 
 @register_loss('nst')
 class NSTLoss(PairedStagesLoss):
+    paper = 'Huang & Wang, arXiv 2017'
+    default_weight = 50.0
+    needs = ('features',)
     def forward(self, step: StepOutputs) -> torch.Tensor:
         return nst_loss(*self.feature_pairs(step))

@@ -28,6 +28,9 @@ def pkt_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -
 
 @register_loss('pkt')
 class PKTLoss(LossTerm):
+    paper = 'Passalis & Tefas, ECCV 2018'
+    default_weight = 30000.0
+    needs = ('features',)
     requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 

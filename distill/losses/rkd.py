@@ -40,6 +40,9 @@ def rkd_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, d
 
 @register_loss('rkd')
 class RKDLoss(LossTerm):
+    paper = 'Park et al., CVPR 2019'
+    default_weight = 1.0
+    needs = ('features',)
     requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 

@@ -26,6 +26,9 @@ def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
 
 @register_loss('sp')
 class SPLoss(LossTerm):
+    paper = 'Tung & Mori, ICCV 2019'
+    default_weight = 3000.0
+    needs = ('features',)
     requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = -1, teacher_layer: Union[int, str] = -1):
