@@ -49,12 +49,16 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.loss_terms, self.loss_weights = build_loss_terms(dict(losses))
+        self.main_terms = [name for name, term in self.loss_terms.items() if term.main_stage]
+        if not self.main_terms:
+            raise DistillError(f"losses {list(self.loss_terms)} only act in the pre-stage; add a term for the "
+                               f"main training, e.g. ce: 1.0")
         needs_teacher = [name for name, term in self.loss_terms.items() if term.requires_teacher]
         if needs_teacher and teacher is None:
             raise DistillError(f"loss terms {needs_teacher} need a teacher; configure teacher.name (and "
                                f"teacher.checkpoint) or drop them to train the student alone")
         self.teacher = teacher
-        self.uses_teacher = bool(needs_teacher)
+        self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -91,20 +95,37 @@ class Distiller(nn.Module):
         parameters (adapters), never the teacher."""
         return nn.ModuleDict({'student': self.student, 'loss_terms': self.loss_terms})
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                epoch: int = 0) -> Dict[str, Any]:
+    def _step_outputs(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor],
+                      epoch: int, run_teacher: bool) -> StepOutputs:
+        """One teacher forward (no grad) and one student forward, with every tap any term asked for."""
         teacher_logits, teacher_features = None, []
-        if self.uses_teacher:
+        if run_teacher:
             with torch.no_grad():
                 teacher_logits, teacher_features = self.teacher_extractor(images)
         student_logits, student_features = self.student_extractor(images)
-        step = StepOutputs(
+        return StepOutputs(
             student_logits=student_logits, targets=targets, teacher_logits=teacher_logits, indices=indices,
             epoch=epoch, student_features=dict(zip(self.student_extractor.layers, student_features)),
             teacher_features=dict(zip(self.teacher_extractor.layers, teacher_features)) if teacher_features else {})
-        weighted = {name: self.loss_weights[name] * term(step) for name, term in self.loss_terms.items()}
-        return {'loss': sum(weighted.values()), 'logits': student_logits,
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
+                epoch: int = 0) -> Dict[str, Any]:
+        step = self._step_outputs(images, targets, indices, epoch, self.uses_teacher)
+        weighted = {name: self.loss_weights[name] * self.loss_terms[name](step) for name in self.main_terms}
+        return {'loss': sum(weighted.values()), 'logits': step.student_logits,
                 'terms': {name: value.detach() for name, value in weighted.items()}}
+
+    def pre_stage_terms(self, epoch: int) -> List[str]:
+        """Terms whose pre-stage still runs at pre-stage epoch ``epoch`` (0-based)."""
+        return [name for name, term in self.loss_terms.items() if epoch < term.pre_stage_epochs]
+
+    def pre_stage_forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor],
+                          epoch: int) -> Dict[str, Any]:
+        """The pre-stage loss: the unweighted sum of each active term's ``pre_stage_loss``."""
+        names = self.pre_stage_terms(epoch)
+        step = self._step_outputs(images, targets, indices, epoch, self.teacher is not None)
+        terms = {name: self.loss_terms[name].pre_stage_loss(step) for name in names}
+        return {'loss': sum(terms.values()), 'terms': {name: value.detach() for name, value in terms.items()}}
 
 
 def _unique(items) -> List[Any]:

@@ -231,9 +231,62 @@ class Trainer:
                            f"{', '.join(repr(b) for b in bad) or '?'}; {terms}); training stopped and {kept}; "
                            f"lower optimizer.lr, check the data, or use trainer.precision=fp32")
 
+    def _update(self, forward, optimizer, scaler, parameters, inputs, epoch: int, step: int) -> Dict[str, Any]:
+        """One optimisation step: forward under autocast, stop on a non-finite loss, scaled backward, clip, step."""
+        device = self.device
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = forward(*inputs)
+        if not torch.isfinite(out['loss']):
+            self._stop_on_nonfinite(out, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out['loss']).backward()
+        if self.cfg.trainer.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(parameters, self.cfg.trainer.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return out
+
+    def run_pre_stage(self) -> None:
+        """RepDistiller's ``init`` stage (FSP, FT, AB): before epoch 1, train each such term's pre-stage modules
+        (in train mode, everything else in eval mode) on its pre-stage loss with SGD at the recipe's momentum and
+        weight decay, for the term's ``pre_stage_epochs``. A run killed here restarts from scratch."""
+        distiller, opt = self.distiller, self.cfg.optimizer
+        epochs = max((term.pre_stage_epochs for term in distiller.loss_terms.values()), default=0)
+        if epochs == 0:
+            return
+        groups, trained, seen = [], [], set()
+        for name in distiller.pre_stage_terms(0):
+            term = distiller.loss_terms[name]
+            modules = list(term.pre_stage_modules(distiller.student))
+            params = [p for m in modules for p in m.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            groups.append({'params': params, 'lr': term.pre_stage_lr or opt.lr})
+            trained += modules
+        frozen = [p for group in groups for p in group['params'] if not p.requires_grad]
+        for p in frozen:  # e.g. FT's paraphraser: trained here, fixed in the main stage
+            p.requires_grad_(True)
+        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        params = [p for group in groups for p in group['params']]
+        for epoch in range(epochs):
+            distiller.eval()
+            for module in trained:
+                module.train()
+            total, count = 0.0, 0
+            for step, (images, labels, indices) in enumerate(self.data.train):
+                images, labels = images.to(self.device), labels.to(self.device)
+                out = self._update(distiller.pre_stage_forward, optimizer, scaler, params,
+                                   (images, labels, indices.to(self.device), epoch), epoch, step)
+                total, count = total + out['loss'].detach() * len(labels), count + len(labels)
+            self.logger.info(f"pre-stage epoch {epoch + 1}/{epochs} ({', '.join(distiller.pre_stage_terms(epoch))}) "
+                             f"loss {(total / count).item():.4f}")
+        for p in frozen:
+            p.requires_grad_(False)
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         self.distiller.train()
-        device, clip = self.device, self.cfg.trainer.grad_clip
+        device = self.device
         sums: Dict[str, torch.Tensor] = {}
         correct, count = torch.zeros((), device=device), 0
         show = self.cfg.trainer.progress and sys.stderr.isatty()
@@ -241,18 +294,9 @@ class Trainer:
                    leave=False, dynamic_ncols=True)
         for step, (images, labels, indices) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                out = self.distiller(images, labels, indices=indices.to(device), epoch=epoch)
+            out = self._update(self.distiller, self.optimizer, self.scaler, self.trainable.parameters(),
+                               (images, labels, indices.to(device), epoch), epoch, step)
             loss = out['loss']
-            if not torch.isfinite(loss):
-                self._stop_on_nonfinite(out, epoch, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.trainable.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.num_updates += 1
             if self.scheduler:
                 self.scheduler.step_update(num_updates=self.num_updates)
@@ -275,6 +319,8 @@ class Trainer:
                 self.teacher_metrics = evaluate(self.distiller.teacher, self.data.val, self.device, self.amp_dtype)
                 logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
             self._describe()
+            if self.start_epoch == 0:
+                self.run_pre_stage()
             for epoch in range(self.start_epoch, cfg.trainer.epochs):
                 started = time.perf_counter()
                 lr = self.optimizer.param_groups[0]['lr']

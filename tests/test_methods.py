@@ -13,8 +13,8 @@ import distill  # noqa: F401  (registers the cifar_ models)
 from distill import Distiller
 from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
-from distill.losses import (at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, kd_loss, list_losses, nst_loss,
-                            pkt_loss, rkd_loss, sp_loss)
+from distill.losses import (at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, fsp_loss, ft_loss, kd_loss,
+                            list_losses, nst_loss, pkt_loss, rkd_loss, sp_loss)
 from distill.trainer import Trainer
 from helpers import digits_config, strip_times
 
@@ -184,6 +184,42 @@ def ref_cc(f_s, f_t):
     return torch.mean((delta[:-1] * delta[1:]).sum(1))
 
 
+def ref_fsp(g_s, g_t):
+    """RepDistiller distiller_zoo/FSP.py: FSP.forward / compute_fsp / compute_loss, summed as in pretrain.py."""
+    def compute_fsp(g):
+        fsp_list = []
+        for i in range(len(g) - 1):
+            bot, top = g[i], g[i + 1]
+            b_H, t_H = bot.shape[2], top.shape[2]
+            if b_H > t_H:
+                bot = F.adaptive_avg_pool2d(bot, (t_H, t_H))
+            elif b_H < t_H:
+                top = F.adaptive_avg_pool2d(top, (b_H, b_H))
+            bot = bot.unsqueeze(1)
+            top = top.unsqueeze(2)
+            bot = bot.view(bot.shape[0], bot.shape[1], bot.shape[2], -1)
+            top = top.view(top.shape[0], top.shape[1], top.shape[2], -1)
+            fsp_list.append((bot * top).mean(-1))
+        return fsp_list
+
+    return sum((s - t).pow(2).mean() for s, t in zip(compute_fsp(g_s), compute_fsp(g_t)))
+
+
+def ref_ft(f_s, f_t, p1=2, p2=1):
+    """RepDistiller distiller_zoo/FT.py: FactorTransfer.factor_loss."""
+    def factor(f):
+        return F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))
+
+    s_H, t_H = f_s.shape[2], f_t.shape[2]
+    if s_H > t_H:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
+    elif s_H < t_H:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+    if p2 == 1:
+        return (factor(f_s) - factor(f_t)).abs().mean()
+    return (factor(f_s) - factor(f_t)).pow(p2).mean()
+
+
 def ref_fitnet(f_s, f_t):
     """RepDistiller distiller_zoo/FitNet.py: HintLoss = nn.MSELoss()."""
     return torch.nn.MSELoss()(f_s, f_t)
@@ -216,6 +252,9 @@ CASES = {
     'dist': (lambda s, t: dist_loss(s, t, 2.0, 2.0, 4.0), ref_dist, _logits, ()),
     'nst': (nst_loss, ref_nst,
             lambda g: [_maps(g, (4, 8, 8, 8), (4, 16, 4, 4)), _maps(g, (4, 32, 4, 4), (4, 8, 8, 8))], ()),
+    'fsp': (fsp_loss, ref_fsp, lambda g: [_maps(g, (4, 8, 8, 8), (4, 8, 8, 8), (4, 16, 4, 4)),
+                                          _maps(g, (4, 8, 8, 8), (4, 8, 8, 8), (4, 16, 4, 4))], ()),
+    'ft': (ft_loss, ref_ft, lambda g: _maps(g, (4, 8, 8, 8), (4, 16, 4, 4)), ()),
     'cc': (cc_loss, ref_cc, lambda g: [F.normalize(x) for x in _maps(g, (6, 16), (6, 16))], ()),
 }
 
@@ -276,10 +315,17 @@ def _pair(teacher_name, student_name, num_classes=10, **kwargs):
     return teacher, student
 
 
-def _one_step(distiller, images, targets):
+def _one_step(distiller, images, targets, pre_stage=False):
+    """A main-training step (or a pre-stage step) with the teacher checked untouched."""
     distiller.train()
     teacher_state = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
-    output = distiller(images, targets, indices=torch.arange(len(images)), epoch=0)
+    indices = torch.arange(len(images))
+    if pre_stage:  # as Trainer.run_pre_stage: the pre-stage modules train even if fixed afterwards
+        for name in distiller.pre_stage_terms(0):
+            for module in distiller.loss_terms[name].pre_stage_modules(distiller.student):
+                module.requires_grad_(True)
+    output = distiller.pre_stage_forward(images, targets, indices, 0) if pre_stage else \
+        distiller(images, targets, indices=indices, epoch=0)
     output['loss'].backward()
     assert torch.isfinite(output['loss'])
     assert all(p.grad is None for p in distiller.teacher.parameters())
@@ -288,26 +334,44 @@ def _one_step(distiller, images, targets):
     return output
 
 
+def _build(method, teacher, student, image_size):
+    return Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, image_size, image_size),
+                     train_targets=TRAIN_TARGETS)
+
+
+SAME_WIDTH_PAIR = {'fsp': ('cifar_resnet20', 'cifar_resnet8')}  # FSP needs equal channels per stage
+
+
 @pytest.mark.parametrize('method', sorted(METHODS))
 def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
-    teacher, student = _pair('cifar_resnet8x4', 'cifar_resnet8')
-    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 16, 16),
-                          train_targets=TRAIN_TARGETS)
+    teacher, student = _pair(*SAME_WIDTH_PAIR.get(method, ('cifar_resnet8x4', 'cifar_resnet8')))
+    distiller = _build(method, teacher, student, 16)
+    term = distiller.loss_terms[method]
     images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
-    output = _one_step(distiller, images, targets)
-    assert set(output['terms']) == {'ce', method}
-    assert output['terms'][method] > 0
-    grads = {name: p.grad for name, p in distiller.student.named_parameters()}
-    assert all(g is not None for g in grads.values())
-    for name, param in distiller.loss_terms.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
-    # the term alone sends gradient into the student's body (not only through the CE head)
-    distiller.zero_grad(set_to_none=True)
-    alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16),
-                      train_targets=TRAIN_TARGETS)
-    alone.train()
-    alone(images, targets, indices=torch.arange(8), epoch=0)['loss'].backward()
-    assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
+    assert term.main_stage or term.pre_stage_epochs > 0
+    if term.main_stage:
+        output = _one_step(distiller, images, targets)
+        assert set(output['terms']) == {'ce', method} and output['terms'][method] > 0
+        assert all(p.grad is not None for p in distiller.student.parameters())
+        for name, param in term.named_parameters():  # adapters trained in the main stage get gradient
+            assert (param.grad is not None and param.grad.abs().sum() > 0) == param.requires_grad, name
+        # the term alone sends gradient into the student's body (not only through the CE head)
+        distiller.zero_grad(set_to_none=True)
+        alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16),
+                          train_targets=TRAIN_TARGETS)
+        alone.train()
+        alone(images, targets, indices=torch.arange(8), epoch=0)['loss'].backward()
+        assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
+    if term.pre_stage_epochs > 0:
+        distiller.zero_grad(set_to_none=True)
+        modules = term.pre_stage_modules(student)
+        output = _one_step(distiller, images, targets, pre_stage=True)
+        assert set(output['terms']) == {method} and output['loss'] > 0
+        trained = {id(p) for module in modules for p in module.parameters()}
+        assert trained and all(p.grad is not None and p.grad.abs().sum() > 0
+                               for module in modules for p in module.parameters() if p.dim() > 1)
+        others = [p for p in list(student.parameters()) + list(term.parameters()) if id(p) not in trained]
+        assert all(p.grad is None for p in others)  # e.g. the student's classifier in FSP's pre-stage
 
 
 def test_features_come_from_one_forward_per_model():
@@ -315,7 +379,8 @@ def test_features_come_from_one_forward_per_model():
     calls = {'teacher': 0, 'student': 0}
     teacher.conv1.register_forward_hook(lambda *a: calls.__setitem__('teacher', calls['teacher'] + 1))
     student.conv1.register_forward_hook(lambda *a: calls.__setitem__('student', calls['student'] + 1))
-    distiller = Distiller(teacher, student, {'ce': 1.0, 'kd': 1.0, **METHODS}, input_size=(3, 16, 16),
+    methods = {name: options for name, options in METHODS.items() if name not in SAME_WIDTH_PAIR}
+    distiller = Distiller(teacher, student, {'ce': 1.0, 'kd': 1.0, **methods}, input_size=(3, 16, 16),
                           train_targets=TRAIN_TARGETS)
     calls.update(teacher=0, student=0)  # the dry run that sized the adapters
     distiller.train()
@@ -328,16 +393,24 @@ HETEROGENEOUS = [('resnet18', 'vit_tiny_patch16_224'), ('vit_tiny_patch16_224', 
 
 
 @pytest.mark.parametrize('teacher_name,student_name', HETEROGENEOUS)
-@pytest.mark.parametrize('method', sorted(METHODS))
+@pytest.mark.parametrize('method', sorted(set(METHODS) - set(SAME_WIDTH_PAIR)))
 def test_method_runs_on_cnn_vit_pairs(method, teacher_name, student_name):
-    vit_kwargs = {'img_size': 32, 'depth': 4}
+    vit_kwargs = {'img_size': 64, 'depth': 4}  # 64 px: resnet18's last map is 2x2, so spatial terms are not trivial
     kwargs = {role: vit_kwargs for role, name in (('teacher', teacher_name), ('student', student_name))
               if name.startswith('vit')}
     teacher, student = _pair(teacher_name, student_name, **kwargs)
-    distiller = Distiller(teacher, student, {'ce': 1.0, method: METHODS[method]}, input_size=(3, 32, 32),
-                          train_targets=TRAIN_TARGETS)
-    output = _one_step(distiller, torch.randn(4, 3, 32, 32), torch.arange(4))
-    assert output['terms'][method] > 0
+    distiller = _build(method, teacher, student, 64)
+    images, targets = torch.randn(4, 3, 64, 64), torch.arange(4)
+    assert _one_step(distiller, images, targets)['terms'][method] > 0
+    if distiller.loss_terms[method].pre_stage_epochs > 0:
+        assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0
+
+
+def test_fsp_refuses_a_pair_of_different_widths_in_one_line():
+    teacher, student = _pair('cifar_resnet8x4', 'cifar_resnet8')
+    with pytest.raises(distill.DistillError, match=r"loss 'fsp' needs equal channels at every stage, but the "
+                                                   r"student has \[16, 16, 32, 64\] and the teacher \[32, 64"):
+        _build('fsp', teacher, student, 16)
 
 
 def test_adapters_train_are_checkpointed_resume_exactly_and_stay_out_of_the_export(tmp_path):
@@ -534,3 +607,41 @@ def test_a_term_given_only_options_gets_its_reference_weight():
     distiller = Distiller(teacher, student, {'ce': 1.0, 'fitnet': {}, 'kd': {'temperature': 2.0}, 'at': 5.0},
                           input_size=(3, 16, 16))
     assert distiller.loss_weights == {'ce': 1.0, 'fitnet': 100.0, 'kd': 0.9, 'at': 5.0}
+
+
+def test_pre_stage_runs_before_epoch_one_then_fixes_the_paraphraser_and_resumes(tmp_path):
+    """FT's paraphraser learns in the pre-stage (its reconstruction loss falls) and stays fixed afterwards; FSP's
+    pre-stage changes the student's body but not its classifier; a resumed run skips the pre-stage."""
+    teacher_path = str(tmp_path / 'teacher.safetensors')
+    torch.manual_seed(1)
+    save_file(timm.create_model('cifar_resnet20', num_classes=10).state_dict(), teacher_path)
+    sections = dict(teacher={'name': 'cifar_resnet20', 'checkpoint': teacher_path}, scheduler={'name': 'constant'},
+                    losses={'ce': 1.0, 'ft': {'pre_stage_epochs': 3}, 'fsp': {'pre_stage_epochs': 2}})
+    trainer = Trainer(from_dict(digits_config(tmp_path, 'pre', epochs=1, **sections)), quiet=True)
+    ft, student = trainer.distiller.loss_terms['ft'], trainer.distiller.student
+    before = {k: v.clone() for k, v in {**{f'ft.{k}': v for k, v in ft.state_dict().items()},
+                                        **student.state_dict()}.items()}
+    trainer.run_pre_stage()
+    assert not torch.equal(ft.paraphraser.encoder[0].weight, before['ft.paraphraser.encoder.0.weight'])
+    assert torch.equal(ft.translator[0].weight, before['ft.translator.0.weight'])  # main-stage adapter
+    assert not torch.equal(student.conv1.weight, before['conv1.weight'])  # FSP trained the body...
+    assert torch.equal(student.fc.weight, before['fc.weight'])  # ...but not the classifier
+    assert not any(p.requires_grad for p in ft.paraphraser.parameters())
+    log = open(tmp_path / 'pre' / 'log.txt').read()
+    losses = [float(line.rsplit('loss ', 1)[1]) for line in log.splitlines() if 'pre-stage epoch' in line]
+    assert len(losses) == 3 and 'pre-stage epoch 3/3 (ft)' in log and 'pre-stage epoch 2/3 (ft, fsp)' in log
+    assert losses[2] < losses[0]
+
+    Trainer(from_dict(digits_config(tmp_path, 'full', epochs=2, **sections)), quiet=True).fit()
+    Trainer(from_dict(digits_config(tmp_path, 'part', epochs=1, **sections)), quiet=True).fit()
+    resumed = Trainer(from_dict(digits_config(tmp_path, 'part', epochs=2, **sections)), resume=True, quiet=True)
+    resumed.fit()
+    assert open(tmp_path / 'part' / 'log.txt').read().count('pre-stage epoch') == 3  # not run again
+    full = load_checkpoint(str(tmp_path / 'full' / 'checkpoints' / 'last.pt'))
+    part = load_checkpoint(str(tmp_path / 'part' / 'checkpoints' / 'last.pt'))
+    assert all(torch.equal(full['model'][k], part['model'][k]) for k in full['model'])
+    assert all(torch.equal(full['loss_terms'][k], part['loss_terms'][k]) for k in full['loss_terms'])
+    # same seed and pre-stage as `trainer` above: two main epochs later the paraphraser is unchanged
+    for key, value in ft.paraphraser.state_dict().items():
+        assert torch.equal(value, full['loss_terms'][f'ft.paraphraser.{key}']), key
+    assert not torch.equal(ft.translator[0].weight, full['loss_terms']['ft.translator.0.weight'])

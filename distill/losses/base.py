@@ -55,6 +55,18 @@ class LossTerm(nn.Module):
     needs: Tuple[str, ...] = ()  # what the engine provides beyond logits: features, adapters, epoch, indices, labels
     student_layers: Sequence[Union[int, str]] = ()
     teacher_layers: Sequence[Union[int, str]] = ()
+    # A pre-stage (RepDistiller's ``init`` for FSP, FT, AB) trains ``pre_stage_modules`` on ``pre_stage_loss``
+    # for ``pre_stage_epochs`` before the main training; ``main_stage = False`` terms add nothing after it.
+    pre_stage_epochs: int = 0
+    pre_stage_lr: Optional[float] = None  # None: the recipe's optimizer.lr
+    main_stage: bool = True
+
+    def pre_stage_loss(self, step: 'StepOutputs') -> torch.Tensor:
+        raise NotImplementedError
+
+    def pre_stage_modules(self, student: nn.Module) -> Sequence[nn.Module]:
+        """The modules the pre-stage trains (put in train mode; everything else stays in eval mode)."""
+        return ()
 
     def resolve_layers(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         """Fix ``student_layers``/``teacher_layers`` for these models (e.g. 'every stage but the stem')."""
@@ -154,6 +166,12 @@ def fp32_loss(fn: Callable) -> Callable:
         with torch.autocast(first.device.type if first is not None else 'cpu', enabled=False):
             return fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
     return wrapper
+
+
+def student_body(student: nn.Module) -> nn.Module:
+    """The student without its classifier, as a module list (RepDistiller's ``get_feat_modules``)."""
+    classifier = student.get_classifier()
+    return nn.ModuleList(module for module in student.children() if module is not classifier)
 
 
 def stages_after_stem(model: nn.Module) -> list:
