@@ -1,7 +1,9 @@
 """Feature taps: intermediate features of any timm model, recorded during its one forward pass.
 
 A tap names a layer by stage index (``feature_info`` order, negative allowed), by any module path of the model,
-or as ``'pre_logits'``: the pooled vector that enters the classifier (RepDistiller's ``feat[-1]``). When every tap of a model is a stage index and the model has timm's
+as ``'pre_logits'``: the pooled vector that enters the classifier (RepDistiller's ``feat[-1]``), or as
+``'preact:N'``: stage N before its final ReLU (RepDistiller's ``preact=True``, for OFD, AB and ReviewKD).
+When every tap of a model is a stage index and the model has timm's
 ``forward_intermediates``, that API is used (ViTs then give NCHW maps without class/distill tokens);
 otherwise forward hooks record the named modules' outputs. Either way logits and features come from one pass.
 """
@@ -15,6 +17,8 @@ from .losses.base import nearest
 
 TapLayer = Union[int, str]
 PRE_LOGITS = 'pre_logits'
+PREACT = 'preact:'
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Mish)
 
 
 def feature_info_list(model: nn.Module) -> List[Dict]:
@@ -24,21 +28,52 @@ def feature_info_list(model: nn.Module) -> List[Dict]:
     return list(info.info) if hasattr(info, 'info') else list(info)
 
 
-def resolve_module_path(model: nn.Module, layer: TapLayer) -> str:
-    """The module path a tap records: stage ``layer`` of ``feature_info``, or ``layer`` as a module path."""
+def resolve_tap(model: nn.Module, layer: TapLayer) -> Tuple[str, str]:
+    """``(module path, 'output' | 'input')``: the module whose output (or input) a tap records.
+
+    Stage ``layer`` records ``feature_info``'s module output; ``'pre_logits'`` the classifier's input;
+    ``'preact:N'`` stage N before its final activation: the model's own ``preact_tap(N)`` when it has one (the
+    ``cifar_`` zoo, following RepDistiller's ``preact=True``), else the input of the last activation module inside
+    that stage (timm ResNets: the last block's ``act2``/``act3``, i.e. after the residual sum, before the ReLU).
+    """
     info = feature_info_list(model)
+    if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+        raise DistillError(f"feature tap {layer!r} must be a stage index, a module path, 'pre_logits' or 'preact:N'")
     if isinstance(layer, int):
-        if not -len(info) <= layer < len(info):
-            raise DistillError(f"feature tap {layer} is out of range: {type(model).__name__} has {len(info)} "
-                               f"stages in feature_info (0..{len(info) - 1}); use a stage index or a module path")
-        return info[layer]['module']
-    if layer == PRE_LOGITS:
-        return layer
+        _check_stage(model, info, layer)
+        return info[layer]['module'], 'output'
     modules = dict(model.named_modules())
+    if layer == PRE_LOGITS:
+        classifier = model.get_classifier()
+        path = next((name for name, module in modules.items() if module is classifier), None)
+        if path is None or not path:
+            raise DistillError(f"{type(model).__name__} has no classifier module to tap 'pre_logits' from")
+        return path, 'input'
+    if layer.startswith(PREACT):
+        try:
+            stage = int(layer[len(PREACT):])
+        except ValueError:
+            raise DistillError(f"feature tap '{layer}': write 'preact:N' with a stage index N") from None
+        _check_stage(model, info, stage)
+        if hasattr(model, 'preact_tap'):
+            return model.preact_tap(stage % len(info))
+        stage_path = info[stage]['module']
+        activations = [name for name, module in modules.items() if isinstance(module, ACTIVATIONS)
+                       and (name == stage_path or name.startswith(stage_path + '.'))]
+        if not activations:
+            raise DistillError(f"feature tap '{layer}': stage {stage} ({stage_path}) of {type(model).__name__} has "
+                               f"no activation module to tap before; tap a module path instead")
+        return activations[-1], 'input'
     if layer not in modules:
         raise DistillError(f"feature tap '{layer}' is not a module of {type(model).__name__}"
                            f"{nearest(layer, modules)}; use a stage index (0..{len(info) - 1}) or a module path")
-    return layer
+    return layer, 'output'
+
+
+def _check_stage(model: nn.Module, info: List[Dict], stage: int) -> None:
+    if not -len(info) <= stage < len(info):
+        raise DistillError(f"feature tap {stage} is out of range: {type(model).__name__} has {len(info)} "
+                           f"stages in feature_info (0..{len(info) - 1}); use a stage index or a module path")
 
 
 class FeatureExtractor:
@@ -46,49 +81,55 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, layers: Sequence[TapLayer]):
         self.model, self.layers = model, list(layers)
-        self.module_paths = [resolve_module_path(model, layer) for layer in self.layers]
+        self.taps = [resolve_tap(model, layer) for layer in self.layers]
         info = feature_info_list(model)
-        self.use_intermediates = (
-            bool(self.layers) and all(isinstance(layer, int) for layer in self.layers)
-            and hasattr(model, 'forward_intermediates') and hasattr(model, 'forward_head'))
-        if self.use_intermediates:
-            self.stage_indices = [layer % len(info) for layer in self.layers]
-            self.unique_stages = sorted(set(self.stage_indices))
+        # Stage taps come from forward_intermediates where the model has it (its stage semantics, e.g. ViT maps
+        # without prefix tokens); every other tap is a hook that fires during that same pass.
+        self.use_intermediates = (any(isinstance(layer, int) for layer in self.layers)
+                                  and hasattr(model, 'forward_intermediates') and hasattr(model, 'forward_head'))
+        self.stage_indices = {layer: layer % len(info) for layer in self.layers if isinstance(layer, int)}
+        self.unique_stages = sorted(set(self.stage_indices.values()))
+        self.hooked = [tap for layer, tap in zip(self.layers, self.taps)
+                       if not (self.use_intermediates and isinstance(layer, int))]
 
     def __call__(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if not self.layers:
             return self.model(images), []
-        if self.use_intermediates:
-            final, intermediates = self.model.forward_intermediates(images, indices=self.unique_stages)
-            by_stage = dict(zip(self.unique_stages, intermediates))
-            return self.model.forward_head(final), [by_stage[i] for i in self.stage_indices]
-        return self._forward_with_hooks(images)
-
-    def _forward_with_hooks(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        recorded: Dict[str, Tuple[torch.Tensor, int]] = {}
-        modules = dict(self.model.named_modules())
-        handles = []
-        for path in set(self.module_paths):
-            if path == PRE_LOGITS:  # the classifier's input: pooled features, for any timm model
-                def record_input(module, inputs):
-                    recorded[PRE_LOGITS] = (inputs[0], inputs[0]._version)
-                handles.append(self.model.get_classifier().register_forward_pre_hook(record_input))
-                continue
-
-            def record(module, inputs, output, path=path):
-                output = output[0] if isinstance(output, (tuple, list)) else output
-                recorded[path] = (output, output._version)
-            handles.append(modules[path].register_forward_hook(record))
+        recorded: Dict[Tuple[str, str], Tuple[torch.Tensor, int]] = {}
+        handles = self._register_hooks(recorded)
         try:
-            logits = self.model(images)
+            if self.use_intermediates:
+                final, intermediates = self.model.forward_intermediates(images, indices=self.unique_stages)
+                logits = self.model.forward_head(final)
+                by_stage = dict(zip(self.unique_stages, intermediates))
+            else:
+                logits, by_stage = self.model(images), {}
         finally:
             for handle in handles:
                 handle.remove()
-        for path, (tensor, version) in recorded.items():
+        for (path, mode), (tensor, version) in recorded.items():
             if tensor._version != version:  # e.g. a BatchNorm output later overwritten by ReLU(inplace=True)
                 raise DistillError(f"feature tap '{path}' of {type(self.model).__name__} is modified in place "
                                    f"later in the forward pass; tap the module that follows it instead")
-        return logits, [recorded[path][0] for path in self.module_paths]
+        return logits, [by_stage[self.stage_indices[layer]] if self.use_intermediates and isinstance(layer, int)
+                        else recorded[tap][0] for layer, tap in zip(self.layers, self.taps)]
+
+    def _register_hooks(self, recorded: Dict[Tuple[str, str], Tuple[torch.Tensor, int]]) -> list:
+        modules = dict(self.model.named_modules())
+        handles = []
+        for path, mode in set(self.hooked):
+            if mode == 'input':
+                def record_input(module, inputs, key=(path, mode)):
+                    # cloned: an in-place activation (ReLU(inplace=True)) would overwrite its input
+                    tensor = inputs[0].clone() if module is not self.model.get_classifier() else inputs[0]
+                    recorded[key] = (tensor, tensor._version)
+                handles.append(modules[path].register_forward_pre_hook(record_input))
+            else:
+                def record_output(module, inputs, output, key=(path, mode)):
+                    output = output[0] if isinstance(output, (tuple, list)) else output
+                    recorded[key] = (output, output._version)
+                handles.append(modules[path].register_forward_hook(record_output))
+        return handles
 
 
 def probe_shapes(extractor: FeatureExtractor, input_size: Sequence[int]) -> List[torch.Size]:

@@ -25,12 +25,12 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        self.act_out = nn.ReLU()  # its input, bn2 + shortcut, is the block's pre-activation (the 'preact:N' tap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        # bn2 + shortcut is the pre-activation feature OFD/ReviewKD tap (via a hook on bn2 or this block).
-        return F.relu(self.bn2(self.conv2(out)) + shortcut)
+        return self.act_out(self.bn2(self.conv2(out)) + shortcut)
 
 
 class CifarResNet(CifarNet):
@@ -65,6 +65,12 @@ class CifarResNet(CifarNet):
 
     def stage_forwards(self):
         return [self.stem, self.layer1, self.layer2, self.layer3]
+
+    def preact_tap(self, stage: int):
+        """RepDistiller ``preact=True``: the stem as is, each stage before its last block's final ReLU."""
+        if stage == 0:
+            return 'relu', 'output'
+        return f'layer{stage}.{len(getattr(self, f"layer{stage}")) - 1}.act_out', 'input'
 
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^conv1|^bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')

@@ -74,6 +74,10 @@ class CifarVGG(CifarNet):
     def stage_forwards(self):
         return [self._stage(i) for i in range(5)]
 
+    def preact_tap(self, stage: int):
+        """RepDistiller ``preact=True``: each block's output before the ReLU applied in ``_stage``."""
+        return f'block{stage}', 'output'
+
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^block0', blocks=r'^block(\d+)' if coarse else r'^block(\d+)\.(\d+)')
 

@@ -82,6 +82,13 @@ class CifarWideResNet(CifarNet):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(x))
 
+    def preact_tap(self, stage: int):
+        """RepDistiller ``preact=True``: a pre-activation WRN's stage output normalised by the BN that precedes
+        the next ReLU (the next stage's first ``bn1``, or the final ``bn1``); the stem conv as is."""
+        if stage == 0:
+            return 'conv1', 'output'
+        return (f'block{stage + 1}.layer.0.relu1', 'input') if stage < 3 else ('relu', 'input')
+
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^conv1', blocks=r'^block(\d+)' if coarse else r'^block(\d+)\.layer\.(\d+)',
                     head_norm=r'^bn1')
