@@ -68,12 +68,13 @@ def method_table() -> str:
     """A markdown table of the registered loss terms: paper, default weight and options, what each needs."""
     import inspect
     from .losses import list_losses
-    rows = ['| method | paper | weight | options (defaults) | needs |', '|---|---|---|---|---|']
+    rows = ['| method | paper | weight | options (defaults) | needs | pairs |', '|---|---|---|---|---|---|']
     for name, cls in sorted(list_losses().items()):
         options = ', '.join(f'{p.name}={p.default!r}' for p in inspect.signature(cls.__init__).parameters.values()
                             if p.name != 'self' and p.default is not inspect.Parameter.empty)
         needs = ['teacher'] * cls.requires_teacher + list(cls.needs)
-        rows.append(f"| {name} | {cls.paper} | {cls.default_weight:g} | {options} | {', '.join(needs) or '-'} |")
+        rows.append(f"| {name} | {cls.paper} | {cls.default_weight:g} | {options} | {', '.join(needs) or '-'} | "
+                    f"{cls.pairs} |")
     return '\n'.join(rows)
 
 
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser('models', help='list timm model names (e.g. "cifar_*")')
     models.add_argument('pattern', nargs='?', default='cifar_*')
     models.set_defaults(func=_models)
-    methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, what each needs')
+    methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, needs, supported pairs')
     methods.set_defaults(func=_methods)
     return parser
 

@@ -74,7 +74,8 @@ class Distiller(nn.Module):
             raise DistillError(f"loss terms read teacher features {teacher_layers} but no teacher is configured")
         self.student_extractor = FeatureExtractor(self.student, student_layers)
         self.teacher_extractor = FeatureExtractor(self.teacher, teacher_layers) if self.teacher is not None else None
-        context = SetupContext(num_classes=getattr(self.student, 'num_classes', None), train_targets=train_targets)
+        context = SetupContext(num_classes=getattr(self.student, 'num_classes', None), train_targets=train_targets,
+                               student=self.student, teacher=self.teacher)
         if student_layers or teacher_layers:
             input_size = tuple(input_size or getattr(self.student, 'pretrained_cfg', {}).get('input_size',
                                                                                            (3, 224, 224)))
@@ -105,8 +106,8 @@ class Distiller(nn.Module):
         student_logits, student_features = self.student_extractor(images)
         return StepOutputs(
             student_logits=student_logits, targets=targets, teacher_logits=teacher_logits, indices=indices,
-            epoch=epoch, student_features=dict(zip(self.student_extractor.layers, student_features)),
-            teacher_features=dict(zip(self.teacher_extractor.layers, teacher_features)) if teacher_features else {})
+            epoch=epoch, student_features=dict(zip(self.student_extractor.keys, student_features)),
+            teacher_features=dict(zip(self.teacher_extractor.keys, teacher_features)) if teacher_features else {})
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
                 epoch: int = 0) -> Dict[str, Any]:

@@ -7,7 +7,7 @@ When every tap of a model is a stage index and the model has timm's
 ``forward_intermediates``, that API is used (ViTs then give NCHW maps without class/distill tokens);
 otherwise forward hooks record the named modules' outputs. Either way logits and features come from one pass.
 """
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -57,17 +57,65 @@ def resolve_tap(model: nn.Module, layer: TapLayer) -> Tuple[str, str]:
         _check_stage(model, info, stage)
         if hasattr(model, 'preact_tap'):
             return model.preact_tap(stage % len(info))
-        stage_path = info[stage]['module']
-        activations = [name for name, module in modules.items() if isinstance(module, ACTIVATIONS)
-                       and (name == stage_path or name.startswith(stage_path + '.'))]
-        if not activations:
-            raise DistillError(f"feature tap '{layer}': stage {stage} ({stage_path}) of {type(model).__name__} has "
-                               f"no activation module to tap before; tap a module path instead")
-        return activations[-1], 'input'
+        activation = _final_activation(model, info, stage)
+        if activation is None:
+            raise DistillError(f"feature tap '{layer}': stage {stage} of {type(model).__name__} has no activation "
+                               f"module to tap before; tap a module path instead")
+        return activation, 'input'
     if layer not in modules:
         raise DistillError(f"feature tap '{layer}' is not a module of {type(model).__name__}"
                            f"{nearest(layer, modules)}; use a stage index (0..{len(info) - 1}) or a module path")
     return layer, 'output'
+
+
+def _final_activation(model: nn.Module, info: List[Dict], stage: int) -> Optional[str]:
+    """The last activation module inside stage ``stage``, if a BatchNorm feeds it (a CNN's post-residual ReLU);
+    None for stages without one, e.g. transformer blocks, whose GELU sits inside the MLP."""
+    stage_path = info[stage]['module']
+    modules = dict(model.named_modules())
+    names = list(modules)
+    activations = [name for name in names if isinstance(modules[name], ACTIVATIONS)
+                   and (name == stage_path or name.startswith(stage_path + '.'))]
+    if not activations:
+        return None
+    block = activations[-1].rsplit('.', 1)[0] if '.' in activations[-1] else ''
+    has_norm = any(isinstance(modules[name], nn.BatchNorm2d) and name.startswith(block)
+                   for name in names[:names.index(activations[-1])])
+    return activations[-1] if has_norm else None
+
+
+def tap_key(model: nn.Module, layer: TapLayer) -> TapLayer:
+    """``'preact:N'`` becomes stage N for models without a pre-activation (a transformer's stage output is a
+    residual sum that no activation follows); every other tap is kept."""
+    if isinstance(layer, str) and layer.startswith(PREACT) and not hasattr(model, 'preact_tap'):
+        info = feature_info_list(model)
+        try:
+            stage = int(layer[len(PREACT):])
+        except ValueError:
+            return layer
+        if -len(info) <= stage < len(info) and _final_activation(model, info, stage) is None:
+            return stage
+    return layer
+
+
+def preact_norm(model: nn.Module, stage: int) -> nn.BatchNorm2d:
+    """The BatchNorm whose output feeds stage ``stage``'s final activation: the model's ``preact_norm(stage)``
+    (the ``cifar_`` zoo), else the last BatchNorm registered before that activation in the same block."""
+    info = feature_info_list(model)
+    _check_stage(model, info, stage)
+    modules = dict(model.named_modules())
+    if hasattr(model, 'preact_norm'):
+        return modules[model.preact_norm(stage % len(info))]
+    activation = _final_activation(model, info, stage)
+    if activation is None:
+        raise DistillError(f"stage {stage} of {type(model).__name__} has no BatchNorm + activation to read")
+    block = activation.rsplit('.', 1)[0] if '.' in activation else ''
+    names = list(modules)
+    norms = [name for name in names[:names.index(activation)] if isinstance(modules[name], nn.BatchNorm2d)
+             and name.startswith(block) and 'downsample' not in name]
+    if not norms:
+        raise DistillError(f"no BatchNorm before the final activation of stage {stage} of {type(model).__name__}")
+    return modules[norms[-1]]
 
 
 def _check_stage(model: nn.Module, info: List[Dict], stage: int) -> None:
@@ -80,7 +128,8 @@ class FeatureExtractor:
     """Runs ``model`` once and returns ``(logits, [features of each tap, in tap order])``."""
 
     def __init__(self, model: nn.Module, layers: Sequence[TapLayer]):
-        self.model, self.layers = model, list(layers)
+        self.model, self.keys = model, list(layers)
+        self.layers = [tap_key(model, layer) for layer in self.keys]  # what is recorded for each key
         self.taps = [resolve_tap(model, layer) for layer in self.layers]
         info = feature_info_list(model)
         # Stage taps come from forward_intermediates where the model has it (its stage semantics, e.g. ViT maps

@@ -13,8 +13,8 @@ import distill  # noqa: F401  (registers the cifar_ models)
 from distill import Distiller
 from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
-from distill.losses import (at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, fsp_loss, ft_loss, kd_loss,
-                            list_losses, nst_loss, pkt_loss, rkd_loss, sp_loss)
+from distill.losses import (ab_loss, at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, fsp_loss, ft_loss,
+                            hcl_loss, kd_loss, list_losses, nst_loss, ofd_loss, pkt_loss, rkd_loss, sp_loss)
 from distill.trainer import Trainer
 from helpers import digits_config, strip_times
 
@@ -220,6 +220,63 @@ def ref_ft(f_s, f_t, p1=2, p2=1):
     return (factor(f_s) - factor(f_t)).pow(p2).mean()
 
 
+def ref_ab(g_s, g_t, margin=1.0):
+    """RepDistiller distiller_zoo/AB.py: ABLoss.forward / criterion_alternative_l2, summed as in pretrain.py."""
+    feat_num = len(g_s)
+    w = [2 ** (i - feat_num + 1) for i in range(feat_num)]
+    bsz = g_s[0].shape[0]
+
+    def criterion_alternative_l2(source, target):
+        loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0)).float() +
+                (source - margin) ** 2 * ((source <= margin) & (target > 0)).float())
+        return torch.abs(loss).sum()
+
+    losses = [criterion_alternative_l2(s, t) for s, t in zip(g_s, g_t)]
+    losses = [w * l for w, l in zip(w, losses)]
+    losses = [l / bsz for l in losses]
+    losses = [l / 1000 * 3 for l in losses]
+    return sum(losses)
+
+
+def ref_ofd(feature_student, feature_teacher, margins):
+    """mdistiller distillers/OFD.py: feat_loss and OFD.ofd_loss (after the connectors)."""
+    def feat_loss(source, target, margin):
+        margin = margin.to(source)
+        loss = ((source - margin) ** 2 * ((source > margin) & (target <= margin)).float()
+                + (source - target) ** 2 * ((source > target) & (target > margin) & (target <= 0)).float()
+                + (source - target) ** 2 * (target > 0).float())
+        return torch.abs(loss).mean(dim=0).sum()
+
+    loss_distill = 0
+    feat_num = len(feature_student)
+    for i in range(feat_num):
+        loss_distill = loss_distill + feat_loss(
+            feature_student[i], F.adaptive_avg_pool2d(feature_teacher[i], feature_student[i].shape[-2:]).detach(),
+            margins[i].unsqueeze(1).unsqueeze(2).unsqueeze(0)) / 2 ** (feat_num - i - 1)
+    return loss_distill
+
+
+def ref_hcl(fstudent, fteacher):
+    """mdistiller distillers/ReviewKD.py: hcl_loss."""
+    loss_all = 0.0
+    for fs, ft in zip(fstudent, fteacher):
+        n, c, h, w = fs.shape
+        loss = F.mse_loss(fs, ft, reduction="mean")
+        cnt = 1.0
+        tot = 1.0
+        for l in [4, 2, 1]:
+            if l >= h:
+                continue
+            tmpfs = F.adaptive_avg_pool2d(fs, (l, l))
+            tmpft = F.adaptive_avg_pool2d(ft, (l, l))
+            cnt /= 2.0
+            loss += F.mse_loss(tmpfs, tmpft, reduction="mean") * cnt
+            tot += cnt
+        loss = loss / tot
+        loss_all = loss_all + loss
+    return loss_all
+
+
 def ref_fitnet(f_s, f_t):
     """RepDistiller distiller_zoo/FitNet.py: HintLoss = nn.MSELoss()."""
     return torch.nn.MSELoss()(f_s, f_t)
@@ -236,6 +293,7 @@ def _logits(gen):
 
 
 TARGETS = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])
+MARGINS = [-torch.rand(8, generator=torch.Generator().manual_seed(5)), -torch.rand(16)]
 
 # name -> (ours, reference, inputs(gen) -> (student tensors, teacher tensors), extra args)
 CASES = {
@@ -255,6 +313,12 @@ CASES = {
     'fsp': (fsp_loss, ref_fsp, lambda g: [_maps(g, (4, 8, 8, 8), (4, 8, 8, 8), (4, 16, 4, 4)),
                                           _maps(g, (4, 8, 8, 8), (4, 8, 8, 8), (4, 16, 4, 4))], ()),
     'ft': (ft_loss, ref_ft, lambda g: _maps(g, (4, 8, 8, 8), (4, 16, 4, 4)), ()),
+    'ab': (ab_loss, ref_ab, lambda g: [_maps(g, (4, 8, 8, 8), (4, 16, 4, 4)), _maps(g, (4, 8, 8, 8), (4, 16, 4, 4))],
+           ()),
+    'ofd': (lambda s, t: ofd_loss(s, t, MARGINS), lambda s, t: ref_ofd(s, t, MARGINS),
+            lambda g: [_maps(g, (4, 8, 4, 4), (4, 16, 2, 2)), _maps(g, (4, 8, 8, 8), (4, 16, 4, 4))], ()),
+    'reviewkd': (hcl_loss, ref_hcl,
+                 lambda g: [_maps(g, (4, 8, 8, 8), (4, 16, 1, 1)), _maps(g, (4, 8, 8, 8), (4, 16, 1, 1))], ()),
     'cc': (cc_loss, ref_cc, lambda g: [F.normalize(x) for x in _maps(g, (6, 16), (6, 16))], ()),
 }
 
@@ -296,7 +360,7 @@ def test_dkd_equals_kd_decomposition_at_alpha_beta_one_weighted_by_target_probab
 
 
 def test_every_registered_method_has_a_reference_test():
-    tested = set(CASES) | {'ce', 'kd', 'vid', 'crd'}  # vid, crd: module tests below
+    tested = set(CASES) | {'ce', 'kd', 'vid', 'crd'}  # vid, crd: module tests below (also ofd, reviewkd)
     untested = set(list_losses()) - tested - {n for n in list_losses() if n.startswith('test_')}
     assert not untested, f'methods without a reference test: {sorted(untested)}'
 
@@ -392,16 +456,21 @@ def test_features_come_from_one_forward_per_model():
 HETEROGENEOUS = [('resnet18', 'vit_tiny_patch16_224'), ('vit_tiny_patch16_224', 'resnet18')]
 
 
-@pytest.mark.parametrize('teacher_name,student_name', HETEROGENEOUS)
-@pytest.mark.parametrize('method', sorted(set(METHODS) - set(SAME_WIDTH_PAIR)))
-def test_method_runs_on_cnn_vit_pairs(method, teacher_name, student_name):
+def _vit_pair(teacher_name, student_name):
     vit_kwargs = {'img_size': 64, 'depth': 4}  # 64 px: resnet18's last map is 2x2, so spatial terms are not trivial
     kwargs = {role: vit_kwargs for role, name in (('teacher', teacher_name), ('student', student_name))
               if name.startswith('vit')}
-    teacher, student = _pair(teacher_name, student_name, **kwargs)
+    return _pair(teacher_name, student_name, **kwargs)
+
+
+@pytest.mark.parametrize('teacher_name,student_name', HETEROGENEOUS)
+@pytest.mark.parametrize('method', sorted(name for name in METHODS if list_losses()[name].pairs == 'any'))
+def test_method_runs_on_cnn_vit_pairs(method, teacher_name, student_name):
+    teacher, student = _vit_pair(teacher_name, student_name)
     distiller = _build(method, teacher, student, 64)
     images, targets = torch.randn(4, 3, 64, 64), torch.arange(4)
-    assert _one_step(distiller, images, targets)['terms'][method] > 0
+    if distiller.loss_terms[method].main_stage:
+        assert _one_step(distiller, images, targets)['terms'][method] > 0
     if distiller.loss_terms[method].pre_stage_epochs > 0:
         assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0
 
@@ -645,3 +714,100 @@ def test_pre_stage_runs_before_epoch_one_then_fixes_the_paraphraser_and_resumes(
     for key, value in ft.paraphraser.state_dict().items():
         assert torch.equal(value, full['loss_terms'][f'ft.paraphraser.{key}']), key
     assert not torch.equal(ft.translator[0].weight, full['loss_terms']['ft.translator.0.weight'])
+
+
+def test_ofd_margins_match_the_reference_formula():
+    """mdistiller OFD.init_ofd_modules: margin per channel of the teacher BN before the ReLU."""
+    from scipy.stats import norm
+    import math
+    from distill.losses.ofd import bn_margin
+    bn = torch.nn.BatchNorm2d(6)
+    bn.weight.data = torch.tensor([1.0, 0.5, -2.0, 0.1, 1.0, 0.3])
+    bn.bias.data = torch.tensor([0.0, 1.0, -1.0, 0.5, 4.0, -0.2])  # channel 4: P(x < 0) < 0.001 -> -3 s
+    expected = []
+    for s, m in zip(bn.weight.data, bn.bias.data):
+        s = abs(s.item())
+        m = m.item()
+        if norm.cdf(-m / s) > 0.001:
+            expected.append(-s * math.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / norm.cdf(-m / s) + m)
+        else:
+            expected.append(-3 * s)
+    torch.testing.assert_close(bn_margin(bn), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_reviewkd_review_path_matches_mdistiller_abf():
+    """mdistiller ReviewKD.forward_train and ABF.forward, transcribed, with our fusion modules' weights."""
+    from distill.losses.reviewkd import ReviewKDLoss
+
+    class ABF(torch.nn.Module):
+        def __init__(self, in_channel, mid_channel, out_channel, fuse):
+            super().__init__()
+            self.conv1 = torch.nn.Sequential(torch.nn.Conv2d(in_channel, mid_channel, kernel_size=1, bias=False),
+                                             torch.nn.BatchNorm2d(mid_channel))
+            self.conv2 = torch.nn.Sequential(
+                torch.nn.Conv2d(mid_channel, out_channel, kernel_size=3, stride=1, padding=1, bias=False),
+                torch.nn.BatchNorm2d(out_channel))
+            self.att_conv = torch.nn.Sequential(torch.nn.Conv2d(mid_channel * 2, 2, kernel_size=1),
+                                                torch.nn.Sigmoid()) if fuse else None
+
+        def forward(self, x, y=None, shape=None, out_shape=None):
+            n, _, h, w = x.shape
+            x = self.conv1(x)
+            if self.att_conv is not None:
+                y = F.interpolate(y, (shape, shape), mode="nearest")
+                z = torch.cat([x, y], dim=1)
+                z = self.att_conv(z)
+                x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+            if x.shape[-1] != out_shape:
+                x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
+            y = self.conv2(x)
+            return y, x
+
+    gen = torch.Generator().manual_seed(0)
+    # student resnet8-like stages 1..3 + pooled; teacher resnet8x4-like preact stages 1..3 + pooled
+    student = [torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 32, 4, 4, generator=gen),
+               torch.randn(2, 64, 2, 2, generator=gen), torch.randn(2, 64, generator=gen)]
+    teacher = [torch.randn(2, 64, 8, 8, generator=gen), torch.randn(2, 128, 4, 4, generator=gen),
+               torch.randn(2, 256, 2, 2, generator=gen), torch.randn(2, 256, generator=gen)]
+    term = ReviewKDLoss(warmup=20)
+    term.student_layers, term.teacher_layers = [1, 2, 3, 'pre_logits'], ['preact:1', 'preact:2', 'preact:3',
+                                                                         'pre_logits']
+    term.setup(distill.SetupContext(student_shapes=dict(zip(term.student_layers, (f.shape for f in student))),
+                                    teacher_shapes=dict(zip(term.teacher_layers, (f.shape for f in teacher)))))
+    in_channels, out_channels = [16, 32, 64, 64], [64, 128, 256, 256]
+    shapes = out_shapes = [1, 2, 4, 8]  # mdistiller's cfg lists them deepest first
+    abfs = torch.nn.ModuleList(ABF(c, min(512, in_channels[-1]), out_channels[i], i < len(in_channels) - 1)
+                               for i, c in enumerate(in_channels))[::-1]
+    for ref, ours in zip(abfs, term.fusions):
+        renamed = {k.replace('reduce', 'conv1').replace('project', 'conv2').replace('attention', 'att_conv'): v
+                   for k, v in ours.state_dict().items()}
+        ref.load_state_dict(renamed)
+    term.train(), abfs.train()
+    for epoch in (4, 30):
+        x = [f.clone().requires_grad_() for f in student]
+        step = distill.StepOutputs(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), epoch=epoch - 1,
+                                   student_features=dict(zip(term.student_layers, x)),
+                                   teacher_features=dict(zip(term.teacher_layers, teacher)))
+        ours = term(step)
+        features = [f.clone().requires_grad_() for f in student]
+        x_ref = (features[:3] + [features[3].unsqueeze(-1).unsqueeze(-1)])[::-1]
+        results = []
+        out_features, res_features = abfs[0](x_ref[0], out_shape=out_shapes[0])
+        results.append(out_features)
+        for feat, abf, shape, out_shape in zip(x_ref[1:], abfs[1:], shapes[1:], out_shapes[1:]):
+            out_features, res_features = abf(feat, res_features, shape, out_shape)
+            results.insert(0, out_features)
+        teacher_maps = teacher[:3] + [teacher[3].unsqueeze(-1).unsqueeze(-1)]
+        ref = min(epoch / 20, 1.0) * ref_hcl(results, teacher_maps)
+        torch.testing.assert_close(ours, ref)
+        for ours_grad, ref_grad in zip(torch.autograd.grad(ours, x), torch.autograd.grad(ref, features)):
+            torch.testing.assert_close(ours_grad, ref_grad)
+
+
+def test_methods_without_heterogeneous_support_say_so_in_one_line():
+    teacher, student = _vit_pair('vit_tiny_patch16_224', 'resnet18')
+    with pytest.raises(distill.DistillError, match="loss 'ofd' needs a teacher whose stages end in BatchNorm"):
+        _build('ofd', teacher, student, 64)
+    with pytest.raises(distill.DistillError, match="loss 'fsp' needs equal channels"):
+        _build('fsp', teacher, student, 64)
+    assert _build('ofd', *_vit_pair('resnet18', 'vit_tiny_patch16_224'), 64)  # a CNN teacher is enough

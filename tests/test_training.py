@@ -165,8 +165,14 @@ def test_wandb_offline_writes_a_run_with_the_logged_metrics(tmp_path, monkeypatc
     assert len(runs) == 1, os.listdir(tmp_path / 'run')
     records = glob.glob(os.path.join(runs[0], 'run-*.wandb'))
     assert len(records) == 1, os.listdir(runs[0])
-    payload = open(records[0], 'rb').read()
-    for key in (b'val_top1', b'val_top5', b'train_loss', b'train_ce', b'best_top1'):
+    keys = (b'val_top1', b'val_top5', b'train_loss', b'train_ce', b'best_top1')
+    deadline = time.time() + 30  # wandb's service process writes the file; under load it may trail finish()
+    while True:
+        payload = open(records[0], 'rb').read()
+        if all(key in payload for key in keys) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    for key in keys:
         assert key in payload, (key, len(payload), os.listdir(runs[0]))
 
 

@@ -39,6 +39,8 @@ class SetupContext:
     teacher_shapes: Dict[Union[int, str], torch.Size] = field(default_factory=dict)
     num_classes: Optional[int] = None
     train_targets: Optional[torch.Tensor] = None  # labels of the training set, indexed like StepOutputs.indices
+    student: Optional[nn.Module] = None
+    teacher: Optional[nn.Module] = None  # read-only: e.g. OFD's margins come from its BatchNorm parameters
 
 
 class LossTerm(nn.Module):
@@ -53,6 +55,7 @@ class LossTerm(nn.Module):
     paper: str = ''  # the method's paper, for `distill methods`
     default_weight: float = 1.0  # the weight of the reference CIFAR-100 recipes
     needs: Tuple[str, ...] = ()  # what the engine provides beyond logits: features, adapters, epoch, indices, labels
+    pairs: str = 'any'  # which teacher/student pairs it supports ('any' includes CNN <-> ViT)
     student_layers: Sequence[Union[int, str]] = ()
     teacher_layers: Sequence[Union[int, str]] = ()
     # A pre-stage (RepDistiller's ``init`` for FSP, FT, AB) trains ``pre_stage_modules`` on ``pre_stage_loss``

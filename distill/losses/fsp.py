@@ -44,6 +44,7 @@ class FSPLoss(LossTerm):
     paper = 'Yim et al., CVPR 2017'
     default_weight = 50.0
     needs = ('features', 'pre-stage')
+    pairs = 'equal channels per stage'
     requires_teacher = True
     main_stage = False
 

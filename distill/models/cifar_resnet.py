@@ -72,6 +72,10 @@ class CifarResNet(CifarNet):
             return 'relu', 'output'
         return f'layer{stage}.{len(getattr(self, f"layer{stage}")) - 1}.act_out', 'input'
 
+    def preact_norm(self, stage: int) -> str:
+        """The BatchNorm before the stage's final ReLU (RepDistiller ``get_bn_before_relu``; OFD's margins)."""
+        return 'bn1' if stage == 0 else f'layer{stage}.{len(getattr(self, f"layer{stage}")) - 1}.bn2'
+
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^conv1|^bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 

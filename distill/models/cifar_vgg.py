@@ -78,6 +78,10 @@ class CifarVGG(CifarNet):
         """RepDistiller ``preact=True``: each block's output before the ReLU applied in ``_stage``."""
         return f'block{stage}', 'output'
 
+    def preact_norm(self, stage: int) -> str:
+        """The block's closing BatchNorm (RepDistiller ``get_bn_before_relu``)."""
+        return f'block{stage}.{len(getattr(self, f"block{stage}")) - 1}'
+
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^block0', blocks=r'^block(\d+)' if coarse else r'^block(\d+)\.(\d+)')
 

@@ -89,6 +89,12 @@ class CifarWideResNet(CifarNet):
             return 'conv1', 'output'
         return (f'block{stage + 1}.layer.0.relu1', 'input') if stage < 3 else ('relu', 'input')
 
+    def preact_norm(self, stage: int) -> str:
+        """The BatchNorm before the ReLU that follows the stage (RepDistiller ``get_bn_before_relu``)."""
+        if stage == 0:
+            return 'block1.layer.0.bn1'
+        return f'block{stage + 1}.layer.0.bn1' if stage < 3 else 'bn1'
+
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^conv1', blocks=r'^block(\d+)' if coarse else r'^block(\d+)\.layer\.(\d+)',
                     head_norm=r'^bn1')
