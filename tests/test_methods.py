@@ -360,7 +360,7 @@ def test_dkd_equals_kd_decomposition_at_alpha_beta_one_weighted_by_target_probab
 
 
 def test_every_registered_method_has_a_reference_test():
-    tested = set(CASES) | {'ce', 'kd', 'vid', 'crd'}  # vid, crd: module tests below (also ofd, reviewkd)
+    tested = set(CASES) | {'ce', 'kd', 'vid', 'crd', 'ctkd'}  # module tests below (also for ofd, reviewkd)
     untested = set(list_losses()) - tested - {n for n in list_losses() if n.startswith('test_')}
     assert not untested, f'methods without a reference test: {sorted(untested)}'
 
@@ -811,3 +811,25 @@ def test_methods_without_heterogeneous_support_say_so_in_one_line():
     with pytest.raises(distill.DistillError, match="loss 'fsp' needs equal channels"):
         _build('fsp', teacher, student, 64)
     assert _build('ofd', *_vit_pair('resnet18', 'vit_tiny_patch16_224'), 64)  # a CNN teacher is enough
+
+
+def test_ctkd_is_kd_at_the_learned_temperature_with_a_reversed_curriculum_gradient():
+    """zhengli97/CTKD: T = 1 + 20 sigmoid(theta), theta = 1 at start; CosineDecay(0, -1, 10) at 1-based epochs
+    gives the gradient-reversal factor; DistillKL = batchmean KL * T^2."""
+    import math
+    from distill.losses.ctkd import CTKDLoss
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = _logits(gen)
+    term = CTKDLoss()
+    for epoch in (0, 4, 20):
+        term.zero_grad()
+        decay_value = (math.cos(min(epoch + 1, 10) * math.pi / 10) + 1.0) * 0.5 * (0 - (-1)) + (-1)
+        theta = torch.ones(1, requires_grad=True)
+        T = 1 + 20 * torch.sigmoid(theta)
+        ref = F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1), reduction='batchmean') * T * T
+        ref_grad, = torch.autograd.grad(ref.sum(), theta)
+        ours = term(distill.StepOutputs(student, TARGETS, teacher_logits=teacher, epoch=epoch))
+        ours.backward()
+        torch.testing.assert_close(ours, ref.reshape(()))
+        torch.testing.assert_close(term.theta.grad, decay_value * ref_grad)  # reversed and scaled
+        assert (epoch == 20) == math.isclose(decay_value, -1.0)
