@@ -6,37 +6,17 @@ Prints, for one teacher/student pair on this machine: student-only step, hand-wr
 no_grad, CE 0.1 + KD 0.9 at T=4, SGD), and the same KD step through ``distill.Distiller``; then the ratios
 (engine / hand-written is the engine's overhead, KD / student-only the teacher's cost).
 """
-import argparse
-import time
-
 import timm
 import torch
 import torch.nn.functional as F
 
 import distill
+from common import pair_arguments, time_steps
 from distill import Distiller
 
 
-def time_steps(step, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--teacher', default='cifar_resnet32x4')
-    parser.add_argument('--student', default='cifar_resnet8x4')
-    parser.add_argument('--batch', type=int, default=64)
-    parser.add_argument('--image-size', type=int, default=32)
-    parser.add_argument('--steps', type=int, default=10)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    args = parser.parse_args()
+    args = pair_arguments(__doc__, steps=10)
     device = torch.device(args.device)
     torch.manual_seed(0)
     teacher = timm.create_model(args.teacher, num_classes=100).to(device).eval().requires_grad_(False)

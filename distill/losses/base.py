@@ -183,6 +183,13 @@ def stages_after_stem(model: nn.Module) -> list:
     return list(range(1, len(feature_info_list(model))))
 
 
+def deepest_stages(student: nn.Module, teacher: nn.Module):
+    """Stage indices after the stem of both models, paired from the deepest (mdistiller's ``_align_list``)."""
+    student_stages, teacher_stages = stages_after_stem(student), stages_after_stem(teacher)
+    count = min(len(student_stages), len(teacher_stages))
+    return student_stages[len(student_stages) - count:], teacher_stages[len(teacher_stages) - count:]
+
+
 def pool_to_smaller(student: torch.Tensor, teacher: torch.Tensor):
     """Average-pool the larger of two feature maps to the other's height (RepDistiller AT/NST/VID)."""
     s_h, t_h = student.shape[2], teacher.shape[2]

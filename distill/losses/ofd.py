@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import DistillError
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
-from ..features import PREACT, feature_info_list, preact_norm
+from .base import LossTerm, StepOutputs, deepest_stages, fp32_loss, register_loss
+from ..features import PREACT, preact_norm
 
 
 def bn_margin(norm: nn.BatchNorm2d) -> torch.Tensor:
@@ -58,9 +58,7 @@ class OFDLoss(LossTerm):
     requires_teacher = True
 
     def resolve_layers(self, student, teacher) -> None:
-        count = min(len(feature_info_list(student)), len(feature_info_list(teacher))) - 1
-        self.student_stages = list(range(len(feature_info_list(student)) - count, len(feature_info_list(student))))
-        self.teacher_stages = list(range(len(feature_info_list(teacher)) - count, len(feature_info_list(teacher))))
+        self.student_stages, self.teacher_stages = deepest_stages(student, teacher)
         self.student_layers = [f'{PREACT}{stage}' for stage in self.student_stages]
         self.teacher_layers = [f'{PREACT}{stage}' for stage in self.teacher_stages]
 

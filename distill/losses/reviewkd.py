@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
-from ..features import PRE_LOGITS, PREACT, feature_info_list
+from .base import LossTerm, StepOutputs, deepest_stages, fp32_loss, register_loss
+from ..features import PRE_LOGITS, PREACT
 
 
 class AttentionFusion(nn.Module):
@@ -72,9 +72,7 @@ class ReviewKDLoss(LossTerm):
         self.warmup, self.max_mid_channels = warmup, max_mid_channels
 
     def resolve_layers(self, student, teacher) -> None:
-        count = min(len(feature_info_list(student)), len(feature_info_list(teacher))) - 1
-        student_stages = range(len(feature_info_list(student)) - count, len(feature_info_list(student)))
-        teacher_stages = range(len(feature_info_list(teacher)) - count, len(feature_info_list(teacher)))
+        student_stages, teacher_stages = deepest_stages(student, teacher)
         self.student_layers = list(student_stages) + [PRE_LOGITS]
         self.teacher_layers = [f'{PREACT}{stage}' for stage in teacher_stages] + [PRE_LOGITS]
 

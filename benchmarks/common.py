@@ -1,0 +1,31 @@
+"""Shared pieces of the benchmark scripts: the teacher/student pair arguments and the step timer."""
+import argparse
+import time
+
+import torch
+
+
+def time_steps(step, steps: int, warmup: int = 3) -> float:
+    """Mean seconds per call of ``step`` after ``warmup`` untimed calls (CUDA synchronised)."""
+    for _ in range(warmup):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def pair_arguments(description: str, steps: int) -> argparse.Namespace:
+    """Parse the pair, batch, image size, timed steps and device shared by every step benchmark."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--teacher', default='cifar_resnet32x4')
+    parser.add_argument('--student', default='cifar_resnet8x4')
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--image-size', type=int, default=32)
+    parser.add_argument('--steps', type=int, default=steps)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return parser.parse_args()
