@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 from .errors import DistillError
+from .randaugment import rand_augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -153,8 +154,11 @@ class BatchLoader:
     """Yields ``(images, labels, indices)`` batches from an in-memory split.
 
     Training loaders shuffle and augment with ``generator`` (one permutation per epoch, then the augmentation
-    draws of each batch in order); evaluation loaders keep the order and do not augment.
+    draws of each batch in order); evaluation loaders keep the order and do not augment. With ``strong_view``
+    set (by the trainer, for methods such as MLKD) a training batch also carries a second, strongly augmented
+    view of the same images: ``(images, labels, indices, strong_images)``.
     """
+    strong_view: bool = False
 
     def __init__(self, split: ImageSplit, batch_size: int, mean: torch.Tensor, std: torch.Tensor,
                  train: bool, augment: str = 'none', padding: int = 0,
@@ -172,11 +176,21 @@ class BatchLoader:
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         for start in range(0, n, self.batch_size):
             indices = order[start:start + self.batch_size]
-            images = self.split.images[indices]
-            if self.train and self.augment != 'none':
-                images = augment_batch(images, self.padding, self.augment == 'crop_flip', self.generator)
-            images = (images.float() / 255.0 - self.mean) / self.std
-            yield images, self.split.labels[indices], indices
+            raw = self.split.images[indices]
+            images = self._augment(raw)
+            if self.train and self.strong_view:
+                strong = rand_augment(self._augment(raw), self.generator)
+                yield self._normalize(images), self.split.labels[indices], indices, self._normalize(strong)
+            else:
+                yield self._normalize(images), self.split.labels[indices], indices
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        if self.train and self.augment != 'none':
+            return augment_batch(images, self.padding, self.augment == 'crop_flip', self.generator)
+        return images
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
 
 
 @dataclass

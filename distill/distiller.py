@@ -7,6 +7,7 @@ import torch.nn as nn
 from .errors import DistillError
 from .features import FeatureExtractor, probe_shapes
 from .losses import LossTerm, SetupContext, StepOutputs, create_loss
+from .losses.base import STRONG_VIEW
 
 # A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
 LossSpec = Union[float, Dict[str, Any], Tuple[float, LossTerm]]
@@ -59,6 +60,7 @@ class Distiller(nn.Module):
                                f"teacher.checkpoint) or drop them to train the student alone")
         self.teacher = teacher
         self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
+        self.needs_strong_view = any(STRONG_VIEW in self.loss_terms[name].needs for name in self.main_terms)
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -110,8 +112,17 @@ class Distiller(nn.Module):
             teacher_features=dict(zip(self.teacher_extractor.keys, teacher_features)) if teacher_features else {})
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                epoch: int = 0) -> Dict[str, Any]:
+                epoch: int = 0, strong_images: Optional[torch.Tensor] = None) -> Dict[str, Any]:
         step = self._step_outputs(images, targets, indices, epoch, self.uses_teacher)
+        if self.needs_strong_view:
+            if strong_images is None:
+                raise DistillError("a loss term needs a strongly augmented view of each batch; train through "
+                                   "distill.Trainer or pass strong_images= to the Distiller")
+            # separate forward passes, as the reference: the student's BatchNorm sees each view's own statistics
+            step.student_logits_strong = self.student(strong_images)
+            if self.uses_teacher:
+                with torch.no_grad():
+                    step.teacher_logits_strong = self.teacher(strong_images)
         weighted = {name: self.loss_weights[name] * self.loss_terms[name](step) for name in self.main_terms}
         return {'loss': sum(weighted.values()), 'logits': step.student_logits,
                 'terms': {name: value.detach() for name, value in weighted.items()}}

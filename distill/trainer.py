@@ -136,6 +136,7 @@ class Trainer:
         self.distiller = Distiller(teacher, student, cfg.losses,
                                    input_size=(3, cfg.data.image_size, cfg.data.image_size),
                                    train_targets=self.data.train.split.labels).to(self.device)
+        self.data.train.strong_view = self.distiller.needs_strong_view
         self.trainable = self.distiller.trainable_modules()
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)
@@ -274,7 +275,7 @@ class Trainer:
             for module in trained:
                 module.train()
             total, count = 0.0, 0
-            for step, (images, labels, indices) in enumerate(self.data.train):
+            for step, (images, labels, indices, *_) in enumerate(self.data.train):
                 images, labels = images.to(self.device), labels.to(self.device)
                 out = self._update(distiller.pre_stage_forward, optimizer, scaler, params,
                                    (images, labels, indices.to(self.device), epoch), epoch, step)
@@ -292,10 +293,11 @@ class Trainer:
         show = self.cfg.trainer.progress and sys.stderr.isatty()
         bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
-        for step, (images, labels, indices) in enumerate(bar):
+        for step, (images, labels, indices, *views) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            strong = views[0].to(device, non_blocking=True) if views else None
             out = self._update(self.distiller, self.optimizer, self.scaler, self.trainable.parameters(),
-                               (images, labels, indices.to(device), epoch), epoch, step)
+                               (images, labels, indices.to(device), epoch, strong), epoch, step)
             loss = out['loss']
             self.num_updates += 1
             if self.scheduler:

@@ -14,7 +14,8 @@ from distill import Distiller
 from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.losses import (ab_loss, at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, fsp_loss, ft_loss,
-                            hcl_loss, kd_loss, list_losses, nst_loss, ofd_loss, pkt_loss, rkd_loss, sp_loss)
+                            hcl_loss, kd_loss, list_losses, mlkd_loss, nst_loss, ofd_loss, pkt_loss, rkd_loss,
+                            sp_loss)
 from distill.trainer import Trainer
 from helpers import digits_config, strip_times
 
@@ -277,6 +278,41 @@ def ref_hcl(fstudent, fteacher):
     return loss_all
 
 
+def ref_mlkd(logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong,
+             temperature=4.0):
+    """Official MLKD mdistiller/distillers/MLKD.py: forward_train's distillation terms (kd, cc and bc on the
+    weak view, kd on the strong view), with its kd_loss/cc_loss/bc_loss and numpy percentile gates."""
+    import numpy as np
+
+    def kd_loss(s, t, T):
+        return F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="none").sum(1).mean() * T ** 2
+
+    def cc_loss(s, t, T):
+        batch_size, class_num = t.shape
+        ps, pt = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)
+        return ((torch.mm(pt.transpose(1, 0), pt) - torch.mm(ps.transpose(1, 0), ps)) ** 2).sum() / class_num
+
+    def bc_loss(s, t, T):
+        batch_size, class_num = t.shape
+        ps, pt = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)
+        return ((torch.mm(pt, pt.transpose(1, 0)) - torch.mm(ps, ps.transpose(1, 0))) ** 2).sum() / batch_size
+
+    pred_teacher_weak = F.softmax(logits_teacher_weak.detach(), dim=1)
+    confidence, pseudo_labels = pred_teacher_weak.max(dim=1)
+    conf_thresh = np.percentile(confidence.cpu().numpy().flatten(), 50)
+    mask = confidence.le(conf_thresh).bool()
+    class_confidence = torch.sum(pred_teacher_weak, dim=0)
+    class_confidence_thresh = np.percentile(class_confidence.cpu().numpy().flatten(), 50)
+    class_conf_mask = class_confidence.le(class_confidence_thresh).bool()
+    sw, tw, ss, ts = logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong
+    loss_kd_weak = sum((kd_loss(sw, tw, T) * mask).mean() for T in (temperature, 3.0, 5.0, 2.0, 6.0))
+    loss_kd_strong = (kd_loss(ss, ts, temperature) + kd_loss(ss, ts, 3.0) + kd_loss(ss, ts, 5.0)
+                      + kd_loss(sw, tw, 2.0) + kd_loss(sw, tw, 6.0))
+    loss_cc_weak = sum((cc_loss(sw, tw, T) * class_conf_mask).mean() for T in (temperature, 3.0, 5.0, 2.0, 6.0))
+    loss_bc_weak = sum((bc_loss(sw, tw, T) * mask).mean() for T in (temperature, 3.0, 5.0, 2.0, 6.0))
+    return loss_kd_weak + loss_kd_strong + loss_cc_weak + loss_bc_weak
+
+
 def ref_fitnet(f_s, f_t):
     """RepDistiller distiller_zoo/FitNet.py: HintLoss = nn.MSELoss()."""
     return torch.nn.MSELoss()(f_s, f_t)
@@ -319,6 +355,9 @@ CASES = {
             lambda g: [_maps(g, (4, 8, 4, 4), (4, 16, 2, 2)), _maps(g, (4, 8, 8, 8), (4, 16, 4, 4))], ()),
     'reviewkd': (hcl_loss, ref_hcl,
                  lambda g: [_maps(g, (4, 8, 8, 8), (4, 16, 1, 1)), _maps(g, (4, 8, 8, 8), (4, 16, 1, 1))], ()),
+    'mlkd': (lambda s, t: mlkd_loss(s[0], t[0], s[1], t[1]), lambda s, t: ref_mlkd(s[0], t[0], s[1], t[1]),
+             lambda g: [[3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)],
+                        [3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)]], ()),
     'cc': (cc_loss, ref_cc, lambda g: [F.normalize(x) for x in _maps(g, (6, 16), (6, 16))], ()),
 }
 
@@ -388,8 +427,9 @@ def _one_step(distiller, images, targets, pre_stage=False):
         for name in distiller.pre_stage_terms(0):
             for module in distiller.loss_terms[name].pre_stage_modules(distiller.student):
                 module.requires_grad_(True)
+    strong = images.flip(-1).roll(1, dims=-2) if distiller.needs_strong_view else None  # a second view (MLKD)
     output = distiller.pre_stage_forward(images, targets, indices, 0) if pre_stage else \
-        distiller(images, targets, indices=indices, epoch=0)
+        distiller(images, targets, indices=indices, epoch=0, strong_images=strong)
     output['loss'].backward()
     assert torch.isfinite(output['loss'])
     assert all(p.grad is None for p in distiller.teacher.parameters())
@@ -424,7 +464,7 @@ def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
         alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16),
                           train_targets=TRAIN_TARGETS)
         alone.train()
-        alone(images, targets, indices=torch.arange(8), epoch=0)['loss'].backward()
+        alone(images, targets, indices=torch.arange(8), epoch=0, strong_images=images.flip(-1))['loss'].backward()
         assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
     if term.pre_stage_epochs > 0:
         distiller.zero_grad(set_to_none=True)
@@ -443,7 +483,8 @@ def test_features_come_from_one_forward_per_model():
     calls = {'teacher': 0, 'student': 0}
     teacher.conv1.register_forward_hook(lambda *a: calls.__setitem__('teacher', calls['teacher'] + 1))
     student.conv1.register_forward_hook(lambda *a: calls.__setitem__('student', calls['student'] + 1))
-    methods = {name: options for name, options in METHODS.items() if name not in SAME_WIDTH_PAIR}
+    # (FSP needs equal widths; MLKD runs both models on a second, strongly augmented view by design)
+    methods = {name: options for name, options in METHODS.items() if name not in SAME_WIDTH_PAIR and name != 'mlkd'}
     distiller = Distiller(teacher, student, {'ce': 1.0, 'kd': 1.0, **methods}, input_size=(3, 16, 16),
                           train_targets=TRAIN_TARGETS)
     calls.update(teacher=0, student=0)  # the dry run that sized the adapters
@@ -834,3 +875,27 @@ def test_ctkd_is_kd_at_the_learned_temperature_with_a_reversed_curriculum_gradie
         torch.testing.assert_close(ours, ref.reshape(()))
         torch.testing.assert_close(term.theta.grad, decay_value * ref_grad)  # reversed and scaled
         assert (epoch == 20) == math.isclose(decay_value, -1.0)
+
+
+def test_strong_view_batches_are_reproducible_and_mlkd_trains_and_resumes_exactly(tmp_path):
+    """The loader adds a RandAugment view only when a term needs it; a 1-epoch MLKD run resumed to 2 epochs ends
+    like a 2-epoch run (the strong views come from the checkpointed data generator)."""
+    from distill.data import build_data
+    cfg = from_dict(digits_config(tmp_path, epochs=1))
+    assert len(next(iter(build_data(cfg.data, seed=3).train))) == 3
+    first, second = build_data(cfg.data, seed=3), build_data(cfg.data, seed=3)
+    first.train.strong_view = second.train.strong_view = True
+    (weak, labels, indices, strong), again = next(iter(first.train)), next(iter(second.train))
+    assert torch.equal(strong, again[3]) and torch.equal(weak, again[0])
+    assert strong.shape == weak.shape and not torch.equal(strong, weak)
+
+    teacher_path = str(tmp_path / 'teacher.safetensors')
+    torch.manual_seed(1)
+    save_file(timm.create_model('cifar_resnet8x4', num_classes=10).state_dict(), teacher_path)
+    sections = dict(teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher_path}, scheduler={'name': 'constant'},
+                    losses={'ce': 0.1, 'mlkd': 0.9})
+    Trainer(from_dict(digits_config(tmp_path, 'full', epochs=2, **sections)), quiet=True).fit()
+    Trainer(from_dict(digits_config(tmp_path, 'part', epochs=1, **sections)), quiet=True).fit()
+    Trainer(from_dict(digits_config(tmp_path, 'part', epochs=2, **sections)), resume=True, quiet=True).fit()
+    metrics = [[json.loads(line) for line in open(tmp_path / run / 'metrics.jsonl')] for run in ('full', 'part')]
+    assert strip_times(metrics[0]) == strip_times(metrics[1]) and metrics[0][-1]['train_mlkd'] > 0

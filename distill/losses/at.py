@@ -31,6 +31,7 @@ class ATLoss(PairedStagesLoss):
     paper = 'Zagoruyko & Komodakis, ICLR 2017'
     default_weight = 1000.0
     needs = ('features',)
+
     def __init__(self, p: float = 2.0, student_layers: Optional[Sequence[Union[int, str]]] = None,
                  teacher_layers: Optional[Sequence[Union[int, str]]] = None):
         super().__init__(student_layers, teacher_layers)

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from ..errors import DistillError
 
 
+STRONG_VIEW = 'strong view'  # in LossTerm.needs: the loader adds a RandAugment view of each batch
+
+
 @dataclass
 class StepOutputs:
     """Everything a loss term may use in one step. Teacher fields are None when training a student alone."""
@@ -29,6 +32,9 @@ class StepOutputs:
     # Features of every tap any term asked for, keyed by tap (stage index, module path or 'pre_logits').
     student_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
     teacher_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
+    # Logits on the batch's strongly augmented view, when a term needs one ('strong view' in LossTerm.needs).
+    student_logits_strong: Optional[torch.Tensor] = None
+    teacher_logits_strong: Optional[torch.Tensor] = None
 
 
 @dataclass

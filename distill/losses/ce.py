@@ -17,6 +17,7 @@ def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor,
 class CrossEntropyLoss(LossTerm):
     paper = 'Szegedy et al., CVPR 2016 (label smoothing)'
     default_weight = 1.0
+
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -24,4 +25,7 @@ class CrossEntropyLoss(LossTerm):
         self.label_smoothing = label_smoothing
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
-        return cross_entropy_loss(step.student_logits, step.targets, self.label_smoothing)
+        loss = cross_entropy_loss(step.student_logits, step.targets, self.label_smoothing)
+        if step.student_logits_strong is not None:  # every view the student saw (MLKD trains on two)
+            loss = loss + cross_entropy_loss(step.student_logits_strong, step.targets, self.label_smoothing)
+        return loss

@@ -36,5 +36,6 @@ class NSTLoss(PairedStagesLoss):
     paper = 'Huang & Wang, arXiv 2017'
     default_weight = 50.0
     needs = ('features',)
+
     def forward(self, step: StepOutputs) -> torch.Tensor:
         return nst_loss(*self.feature_pairs(step))

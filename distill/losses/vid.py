@@ -48,6 +48,7 @@ class VIDLoss(PairedStagesLoss):
     paper = 'Ahn et al., CVPR 2019'
     default_weight = 1.0
     needs = ('features', 'adapters')
+
     def setup(self, context) -> None:
         self.regressors = nn.ModuleList(
             VariationalRegressor(context.student_shapes[s][1], context.teacher_shapes[t][1],
