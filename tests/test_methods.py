@@ -14,8 +14,8 @@ from distill import Distiller
 from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.losses import (ab_loss, at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, fsp_loss, ft_loss,
-                            hcl_loss, kd_loss, list_losses, mlkd_loss, nst_loss, ofd_loss, pkt_loss, rkd_loss,
-                            sp_loss)
+                            hcl_loss, kd_loss, list_losses, mlkd_loss, nst_loss, ofa_loss, ofd_loss, pkt_loss,
+                            rkd_loss, sp_loss)
 from distill.trainer import Trainer
 from helpers import digits_config, strip_times
 
@@ -313,6 +313,16 @@ def ref_mlkd(logits_student_weak, logits_teacher_weak, logits_student_strong, lo
     return loss_kd_weak + loss_kd_strong + loss_cc_weak + loss_bc_weak
 
 
+def ref_ofa(logits_student, logits_teacher, eps=1.5, temperature=2.0):
+    """Hao840/OFAKD distillers/ofa.py: ofa_loss (labels as in OFA.forward: one-hot of the integer targets)."""
+    target_mask = F.one_hot(TARGETS, logits_student.size(-1))
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+    prod = (pred_teacher + target_mask) ** eps
+    loss = torch.sum(- (prod - target_mask) * torch.log(pred_student), dim=-1)
+    return loss.mean()
+
+
 def ref_fitnet(f_s, f_t):
     """RepDistiller distiller_zoo/FitNet.py: HintLoss = nn.MSELoss()."""
     return torch.nn.MSELoss()(f_s, f_t)
@@ -358,6 +368,7 @@ CASES = {
     'mlkd': (lambda s, t: mlkd_loss(s[0], t[0], s[1], t[1]), lambda s, t: ref_mlkd(s[0], t[0], s[1], t[1]),
              lambda g: [[3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)],
                         [3 * torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)]], ()),
+    'ofa': (lambda s, t: ofa_loss(s, t, TARGETS, 1.5, 2.0), ref_ofa, _logits, ()),
     'cc': (cc_loss, ref_cc, lambda g: [F.normalize(x) for x in _maps(g, (6, 16), (6, 16))], ()),
 }
 

@@ -20,6 +20,7 @@ from .ofd import OFDLoss, ofd_loss
 from .reviewkd import ReviewKDLoss, hcl_loss
 from .ctkd import CTKDLoss
 from .mlkd import MLKDLoss, mlkd_loss
+from .ofa import OFALoss, ofa_loss
 
 __all__ = ['LossTerm', 'SetupContext', 'StepOutputs', 'create_loss', 'list_losses', 'register_loss',
            'CrossEntropyLoss', 'cross_entropy_loss', 'KDLoss', 'kd_loss', 'FitNetLoss', 'fitnet_loss',
@@ -27,4 +28,4 @@ __all__ = ['LossTerm', 'SetupContext', 'StepOutputs', 'create_loss', 'list_losse
            'DKDLoss', 'dkd_loss', 'DISTLoss', 'dist_loss', 'NSTLoss', 'nst_loss', 'CCLoss', 'cc_loss', 'VIDLoss',
            'vid_loss', 'CRDLoss', 'crd_loss', 'FSPLoss', 'fsp_loss', 'FTLoss', 'ft_loss', 'ABLoss', 'ab_loss',
            'OFDLoss', 'ofd_loss', 'ReviewKDLoss', 'hcl_loss', 'CTKDLoss',
-           'MLKDLoss', 'mlkd_loss']
+           'MLKDLoss', 'mlkd_loss', 'OFALoss', 'ofa_loss']
