@@ -832,7 +832,7 @@ def test_reviewkd_review_path_matches_mdistiller_abf():
     abfs = torch.nn.ModuleList(ABF(c, min(512, in_channels[-1]), out_channels[i], i < len(in_channels) - 1)
                                for i, c in enumerate(in_channels))[::-1]
     for ref, ours in zip(abfs, term.fusions):
-        renamed = {k.replace('reduce', 'conv1').replace('project', 'conv2').replace('attention', 'att_conv'): v
+        renamed = {k.replace('reduce', 'conv1').replace('project', 'conv2').replace('attention', 'att_conv.0'): v
                    for k, v in ours.state_dict().items()}
         ref.load_state_dict(renamed)
     term.train(), abfs.train()
@@ -910,3 +910,26 @@ def test_strong_view_batches_are_reproducible_and_mlkd_trains_and_resumes_exactl
     Trainer(from_dict(digits_config(tmp_path, 'part', epochs=2, **sections)), resume=True, quiet=True).fit()
     metrics = [[json.loads(line) for line in open(tmp_path / run / 'metrics.jsonl')] for run in ('full', 'part')]
     assert strip_times(metrics[0]) == strip_times(metrics[1]) and metrics[0][-1]['train_mlkd'] > 0
+
+
+ZOO_PAIRS = [('cifar_wrn_40_2', 'cifar_wrn_16_2'), ('cifar_vgg13', 'cifar_vgg8'), ('cifar_resnet32x4', 'cifar_vgg8')]
+
+
+@pytest.mark.parametrize('teacher_name,student_name', ZOO_PAIRS)
+def test_every_method_steps_on_cifar_zoo_pairs(teacher_name, student_name):
+    """CRD-benchmark pairs (same family with other widths, VGG, and a cross-family pair) at 32 px."""
+    teacher, student = _pair(teacher_name, student_name)
+    images, targets = torch.randn(4, 3, 32, 32), torch.arange(4)
+    for method in sorted(METHODS):
+        if method == 'fsp' and [i['num_chs'] for i in teacher.feature_info] != \
+                [i['num_chs'] for i in student.feature_info]:
+            with pytest.raises(distill.DistillError, match="loss 'fsp' needs equal channels"):
+                _build(method, teacher, student, 32)
+            continue
+        student.zero_grad(set_to_none=True)
+        distiller = _build(method, teacher, student, 32)
+        term = distiller.loss_terms[method]
+        if term.main_stage:
+            assert torch.isfinite(_one_step(distiller, images, targets)['terms'][method]), method
+        if term.pre_stage_epochs > 0:
+            assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0, method

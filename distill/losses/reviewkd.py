@@ -29,7 +29,7 @@ class AttentionFusion(nn.Module):
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
         self.project = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
                                      nn.BatchNorm2d(out_channels))
-        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        self.attention = nn.Conv2d(2 * mid_channels, 2, 1) if fuse else None  # on [x, deeper], then a sigmoid
         nn.init.kaiming_uniform_(self.reduce[0].weight, a=1)
         nn.init.kaiming_uniform_(self.project[0].weight, a=1)
 
@@ -37,11 +37,19 @@ class AttentionFusion(nn.Module):
         x = self.reduce(x)
         if self.attention is not None:
             deeper = F.interpolate(deeper, x.shape[-2:], mode='nearest')
-            weights = self.attention(torch.cat([x, deeper], dim=1))
+            weights = torch.sigmoid(self._attention_logits(x, deeper))
             x = x * weights[:, :1] + deeper * weights[:, 1:]
         if tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, out_size, mode='nearest')
         return self.project(x), x
+
+    def _attention_logits(self, x: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
+        """The 1x1 conv on cat([x, deeper]) as two matrix products on the NCHW tensors as they are: no
+        concatenated copy, and GEMMs instead of a 2-output-channel convolution, whose CPU backward is slow."""
+        weight = self.attention.weight.flatten(1)
+        mid = x.shape[1]
+        logits = weight[:, :mid] @ x.flatten(2) + weight[:, mid:] @ deeper.flatten(2)  # (B, 2, H*W), NCHW as is
+        return (logits + self.attention.bias.view(1, -1, 1)).unflatten(2, x.shape[-2:])
 
 
 @fp32_loss
