@@ -535,13 +535,14 @@ def test_fsp_refuses_a_pair_of_different_widths_in_one_line():
 
 
 def test_adapters_train_are_checkpointed_resume_exactly_and_stay_out_of_the_export(tmp_path):
-    """FitNet's regressor trains with the student, is saved in checkpoints (loss_terms), restored on resume
-    (a 1-epoch run resumed to 2 epochs ends like a 2-epoch run) and is absent from the exported student."""
+    """FitNet's regressor and CRD's memory banks train with the student, are saved in checkpoints (loss_terms),
+    restored on resume (a 1-epoch run resumed to 2 epochs ends like a 2-epoch run) and absent from the export."""
     teacher_path = str(tmp_path / 'teacher.safetensors')
     torch.manual_seed(1)
     save_file(timm.create_model('cifar_resnet8x4', num_classes=10).state_dict(), teacher_path)
     sections = dict(teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher_path},
-                    losses={'ce': 1.0, 'fitnet': 100.0}, scheduler={'name': 'constant'})
+                    losses={'ce': 1.0, 'fitnet': 100.0, 'crd': {'weight': 0.8, 'negatives': 256}},
+                    scheduler={'name': 'constant'})
     Trainer(from_dict(digits_config(tmp_path, 'full', epochs=2, **sections)), quiet=True).fit()
     Trainer(from_dict(digits_config(tmp_path, 'part', epochs=1, **sections)), quiet=True).fit()
     first = load_checkpoint(str(tmp_path / 'part' / 'checkpoints' / 'last.pt'))
@@ -551,6 +552,8 @@ def test_adapters_train_are_checkpointed_resume_exactly_and_stay_out_of_the_expo
     part = load_checkpoint(str(tmp_path / 'part' / 'checkpoints' / 'last.pt'))
     regressor_keys = [k for k in full['loss_terms'] if k.startswith('fitnet.regressor.')]
     assert 'fitnet.regressor.conv.weight' in regressor_keys and 'fitnet.regressor.bn.running_mean' in regressor_keys
+    assert full['loss_terms']['crd.student_memory'].shape == (1438, 128)  # CRD's memory banks resume too
+    assert not torch.equal(first['loss_terms']['crd.student_memory'], full['loss_terms']['crd.student_memory'])
     assert not torch.equal(first['loss_terms']['fitnet.regressor.conv.weight'],
                            full['loss_terms']['fitnet.regressor.conv.weight'])  # it trained in epoch 2
     for key in full['loss_terms']:
