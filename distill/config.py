@@ -74,6 +74,19 @@ class TrainerConfig:
 
 
 @dataclass
+class TransferConfig:
+    """How a pretrained student is fine-tuned (see distill/transfer.py)."""
+    new_head: bool = False  # a fresh classifier for the data's classes (the weights' old one is skipped, reported)
+    head_hidden: Optional[int] = None  # new head with one hidden layer of this width (ReLU)
+    head_dropout: float = 0.0  # dropout before the new head's linear layer(s)
+    freeze: str = 'full'  # full (train everything) | partial (freeze stem + first frozen_stages) | linear_probe
+    frozen_stages: int = 0  # partial: how many stages after the stem are frozen
+    unfreeze_every: int = 0  # > 0: unfreeze one more stage (deepest first) every this many epochs
+    backbone_lr_scale: float = 1.0  # lr multiplier of everything but the head (e.g. 0.1)
+    layer_decay: Optional[float] = None  # timm layer-wise lr decay: lr * decay^(layers above), e.g. 0.75
+
+
+@dataclass
 class WandbConfig:
     mode: str = 'disabled'  # online | offline | disabled
     project: str = 'distill'
@@ -91,6 +104,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -98,10 +112,12 @@ CHOICES = {
     'data.name': ('cifar10', 'cifar100', 'imagefolder', 'digits'),
     'data.augment': ('crop_flip', 'crop', 'none'),
     'trainer.precision': ('fp32', 'bf16', 'fp16'),
+    'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
 }
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'optimizer.lr',
-            'data.train_per_class', 'data.val_per_class', 'data.num_classes')
+            'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
+            'transfer.backbone_lr_scale', 'transfer.layer_decay')
 
 
 def _type_name(tp: Any) -> str:
@@ -164,9 +180,15 @@ def _validate(cfg: Config) -> None:
         section, name = key.split('.')
         value = flat[section][name]
         if value is not None and value <= 0:
-            raise DistillError(f"{key} must be > 0, got {value}; set e.g. {key}=64")
+            example = f"; set e.g. {key}=64" if isinstance(value, int) else ''
+            raise DistillError(f"{key} must be > 0, got {value}{example}")
     if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
         raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
+    for key in ('frozen_stages', 'unfreeze_every'):
+        if getattr(cfg.transfer, key) < 0:
+            raise DistillError(f"transfer.{key} must be >= 0, got {getattr(cfg.transfer, key)}")
+    if not 0.0 <= cfg.transfer.head_dropout < 1.0:
+        raise DistillError(f"transfer.head_dropout must be in [0, 1), got {cfg.transfer.head_dropout}")
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

@@ -59,6 +59,7 @@ class Distiller(nn.Module):
             raise DistillError(f"loss terms {needs_teacher} need a teacher; configure teacher.name (and "
                                f"teacher.checkpoint) or drop them to train the student alone")
         self.teacher = teacher
+        self.freezer = None  # a transfer.StageFreezer when the student is partly frozen (set by the trainer)
         self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
         self.needs_strong_view = any(STRONG_VIEW in self.loss_terms[name].needs for name in self.main_terms)
         if teacher is not None:
@@ -91,6 +92,8 @@ class Distiller(nn.Module):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        if mode and self.freezer is not None:  # frozen BatchNorm layers keep their pretrained statistics
+            self.freezer.set_eval_modes()
         return self
 
     def trainable_modules(self) -> nn.ModuleDict:

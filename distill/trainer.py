@@ -18,12 +18,13 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import Config, ModelConfig, save_config, to_dict
+from .config import Config, ModelConfig, TransferConfig, save_config, to_dict
 from .data import BatchLoader, build_data
 from .distiller import Distiller
 from .errors import DistillError
 from .losses.base import nearest
-from .models import load_weights
+from .models import load_backbone_weights, load_weights
+from .transfer import StageFreezer, apply_lr_scales, param_groups, replace_head, uses_transfer
 from .run_logger import RunLogger
 
 # Settings that may change between a run and its resumption without changing what is computed.
@@ -59,8 +60,12 @@ def check_model_config(model_cfg: ModelConfig, role: str) -> None:
                            f"{role}.checkpoint=<path to its weights>")
 
 
-def create_model(model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``)."""
+def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: Optional[TransferConfig] = None,
+                 notes: Optional[List[str]] = None) -> nn.Module:
+    """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``).
+
+    With ``transfer.new_head`` the model gets a fresh classifier (timm ``reset_classifier``, optionally with a
+    hidden layer and dropout) and the weights' own classifier is skipped; what was skipped goes to ``notes``."""
     check_model_config(model_cfg, role)
     try:
         model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
@@ -72,7 +77,15 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Modu
             raise
         raise DistillError(f"could not fetch pretrained weights for {model_cfg.name} ({str(exc)[:120]}); "
                            f"without internet set {role}.pretrained=false {role}.checkpoint=<local file>") from None
-    if model_cfg.checkpoint:
+    new_head = transfer is not None and transfer.new_head
+    if new_head:
+        replace_head(model, num_classes, transfer.head_hidden, transfer.head_dropout)
+    if model_cfg.checkpoint and new_head:
+        skipped = load_backbone_weights(model, os.path.expanduser(model_cfg.checkpoint))
+        if notes is not None:
+            notes.append(f"{role}: loaded {model_cfg.checkpoint} except its classifier "
+                         f"({', '.join(skipped) or 'none in the file'}); new head for {num_classes} classes")
+    elif model_cfg.checkpoint:
         load_weights(model, os.path.expanduser(model_cfg.checkpoint))
     return model
 
@@ -131,16 +144,23 @@ class Trainer:
                 check_model_config(model_cfg, role)
         seed_everything(cfg.trainer.seed)
         self.data = build_data(cfg.data, cfg.trainer.seed)
-        student = create_model(cfg.student, self.data.num_classes, 'student')
+        self.model_notes: List[str] = []
+        student = create_model(cfg.student, self.data.num_classes, 'student', cfg.transfer, self.model_notes)
         teacher = create_model(cfg.teacher, self.data.num_classes, 'teacher') if cfg.teacher else None
         self.distiller = Distiller(teacher, student, cfg.losses,
                                    input_size=(3, cfg.data.image_size, cfg.data.image_size),
                                    train_targets=self.data.train.split.labels).to(self.device)
+        self.freezer = StageFreezer(student, cfg.transfer) if uses_transfer(cfg.transfer) else None
+        if self.freezer is not None:
+            self.freezer.apply(0)
+            self.distiller.freezer = self.freezer
         self.data.train.strong_view = self.distiller.needs_strong_view
         self.trainable = self.distiller.trainable_modules()
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)
         self.scheduler = self._create_scheduler()
+        if self.scheduler is None and self.freezer is not None:
+            apply_lr_scales(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == 'fp16')
 
         self.start_epoch, self.num_updates, self.history = 0, 0, []
@@ -168,8 +188,10 @@ class Trainer:
 
     def _create_optimizer(self) -> torch.optim.Optimizer:
         opt = self.cfg.optimizer
+        params = self.trainable if self.freezer is None else \
+            param_groups(self.distiller.student, [self.distiller.loss_terms], opt, self.cfg.transfer)
         try:
-            return create_optimizer_v2(self.trainable, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
+            return create_optimizer_v2(params, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
                                        momentum=opt.momentum, filter_bias_and_bn=opt.filter_bias_and_bn,
                                        **opt.kwargs)
         except (ValueError, TypeError) as exc:
@@ -325,7 +347,13 @@ class Trainer:
                 self.run_pre_stage()
             for epoch in range(self.start_epoch, cfg.trainer.epochs):
                 started = time.perf_counter()
-                lr = self.optimizer.param_groups[0]['lr']
+                if self.freezer is not None:
+                    self.freezer.apply(epoch)
+                    if epoch > 0 and self.freezer.frozen_groups(epoch) != self.freezer.frozen_groups(epoch - 1):
+                        logger.info(f"epoch {epoch + 1}: unfrozen down to {self.freezer.frozen_groups(epoch)} "
+                                    f"frozen layer groups")
+                group = self.optimizer.param_groups[0]  # the recipe's lr: groups may carry a transfer lr_scale
+                lr = group['lr'] / group.get('lr_scale', 1.0)
                 record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
                 val = evaluate(self.distiller.student, self.data.val, self.device, self.amp_dtype)
                 record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'],
@@ -361,6 +389,16 @@ class Trainer:
                          f"losses {self.distiller.loss_weights}; {len(self.data.train.split)} train / "
                          f"{len(self.data.val.split)} val images, {self.data.num_classes} classes; device "
                          f"{self.device}, {self.cfg.trainer.precision}")
+        for note in self.model_notes:
+            self.logger.info(note)
+        if self.freezer is not None:
+            transfer = self.cfg.transfer
+            self.logger.info(f"transfer: freeze {transfer.freeze} (frozen_stages {transfer.frozen_stages}, unfreeze "
+                             f"every {transfer.unfreeze_every or 'never'}), backbone lr x{transfer.backbone_lr_scale}"
+                             f", layer decay {transfer.layer_decay}; parameters at epoch {self.start_epoch + 1}:")
+            self.freezer.apply(self.start_epoch)
+            for line in self.freezer.describe():
+                self.logger.info(f"  {line}")
 
     def _summary(self) -> Dict[str, Any]:
         last = self.history[-1] if self.history else {}

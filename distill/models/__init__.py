@@ -4,6 +4,6 @@ Importing :mod:`distill` registers them, after which ``timm.create_model("cifar_
 works like any timm model.
 """
 from . import cifar_resnet, cifar_vgg, cifar_wrn  # noqa: F401  (registration side effect)
-from .weights import load_weights, load_state_dict_file
+from .weights import load_backbone_weights, load_state_dict_file, load_weights
 
-__all__ = ['load_weights', 'load_state_dict_file']
+__all__ = ['load_backbone_weights', 'load_state_dict_file', 'load_weights']

@@ -1,0 +1,172 @@
+"""Transfer learning: local pretrained weights in every format, a new head, freeze modes, per-layer learning rates
+and gradual unfreezing, through the real trainer on digits."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import distill  # noqa: F401
+from distill import DistillError
+from distill.checkpoint import atomic_save, load_checkpoint
+from distill.config import ModelConfig, TransferConfig, from_dict
+from distill.trainer import Trainer, create_model
+from distill.transfer import StageFreezer, layer_groups, replace_head
+from helpers import digits_config, strip_times
+
+
+def _pretrained(tmp_path, fmt, name='cifar_resnet8', num_classes=7):
+    """A model 'pretrained' on another task (7 classes), saved in one of the supported formats."""
+    torch.manual_seed(3)
+    model = timm.create_model(name, num_classes=num_classes)
+    state = model.state_dict()
+    path = str(tmp_path / f'pretrained.{fmt}')
+    if fmt == 'safetensors':
+        save_file(state, path)
+    elif fmt == 'pth':
+        torch.save(state, path)
+    elif fmt == 'repdistiller':  # RepDistiller / mdistiller: {'model': state_dict, 'epoch': ...}
+        torch.save({'model': state, 'epoch': 240, 'best_acc': 70.0}, path)
+    elif fmt == 'distill':
+        atomic_save({'model': state, 'epoch': 3, 'config': {}}, path)
+    return path, state
+
+
+@pytest.mark.parametrize('fmt', ['safetensors', 'pth', 'repdistiller', 'distill'])
+def test_local_pretrained_weights_load_with_a_new_head_and_the_old_head_is_reported(tmp_path, fmt):
+    path, state = _pretrained(tmp_path, fmt)
+    notes = []
+    model = create_model(ModelConfig(name='cifar_resnet8', checkpoint=path), 10, 'student',
+                         TransferConfig(new_head=True), notes)
+    own = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith('fc.'):
+            assert torch.equal(own[key], value), key
+    assert own['fc.weight'].shape == (10, 64)
+    assert notes == [f"student: loaded {path} except its classifier (fc.bias (7,), fc.weight (7, 64)); "
+                     f"new head for 10 classes"]
+
+
+def test_a_class_count_mismatch_without_a_new_head_says_how_to_fix_it(tmp_path):
+    path, _ = _pretrained(tmp_path, 'safetensors')
+    with pytest.raises(DistillError, match="classifier has 7 classes but the data has 10; .*transfer.new_head=true"):
+        create_model(ModelConfig(name='cifar_resnet8', checkpoint=path), 10, 'student')
+
+
+def test_hub_weights_without_internet_are_a_one_line_error(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # fail at once, as with no network
+    with pytest.raises(DistillError) as info:
+        create_model(ModelConfig(name='resnet18', pretrained=True), 10, 'student')
+    message = str(info.value)
+    assert 'could not fetch pretrained weights for resnet18' in message and 'student.checkpoint=' in message
+    assert '\n' not in message
+
+
+@pytest.mark.parametrize('name, classifier', [('cifar_resnet8', 'fc'), ('vit_tiny_patch16_224', 'head')])
+def test_new_head_with_hidden_layer_and_dropout_on_a_cnn_and_a_vit(name, classifier):
+    kwargs = {'img_size': 32, 'depth': 2} if name.startswith('vit') else {}
+    model = timm.create_model(name, num_classes=7, **kwargs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(classifier + '.')}
+    replace_head(model, 4, hidden=32, dropout=0.2)
+    head = model.get_classifier()
+    assert isinstance(head, torch.nn.Sequential) and dict(model.named_modules())[classifier] is head
+    assert [type(m).__name__ for m in head] == ['Dropout', 'Linear', 'ReLU', 'Dropout', 'Linear']
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the backbone is untouched
+    replace_head(model, 3)
+    assert isinstance(model.get_classifier(), torch.nn.Linear) and model.get_classifier().out_features == 3
+
+
+def _trainer(tmp_path, run, epochs=1, **transfer):
+    path, _ = _pretrained(tmp_path, 'safetensors')
+    cfg = digits_config(tmp_path, run, epochs=epochs, student={'name': 'cifar_resnet8', 'checkpoint': path},
+                        transfer={'new_head': True, **transfer}, scheduler={'name': 'constant'})
+    return Trainer(from_dict(cfg), quiet=True)
+
+
+@pytest.mark.parametrize('freeze, frozen_stages, trainable_prefixes', [
+    ('linear_probe', 0, ('fc.',)),
+    ('partial', 1, ('layer2.', 'layer3.', 'fc.')),
+    ('partial', 0, ('layer1.', 'layer2.', 'layer3.', 'fc.')),
+    ('full', 0, ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'fc.')),
+])
+def test_freeze_modes_train_exactly_the_unfrozen_parameters_and_frozen_bn_stays_in_eval(
+        tmp_path, freeze, frozen_stages, trainable_prefixes):
+    trainer = _trainer(tmp_path, 'run', freeze=freeze, frozen_stages=frozen_stages)
+    student = trainer.distiller.student
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.fit()
+    after = student.state_dict()
+    for key in before:
+        trained = key.startswith(trainable_prefixes)
+        if key.endswith('num_batches_tracked'):
+            continue
+        # parameters and BN running statistics change exactly where the model is trainable
+        assert torch.equal(before[key], after[key]) != trained, key
+    trainer.distiller.train()
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.training == (name + '.').startswith(trainable_prefixes), name
+    log = open(tmp_path / 'run' / 'log.txt').read()
+    assert 'head (fc...): 650 trainable, 0 frozen' in log
+
+
+def test_backbone_lr_scale_and_layer_decay_give_each_layer_its_rate(tmp_path):
+    trainer = _trainer(tmp_path, 'lr', backbone_lr_scale=0.1, layer_decay=0.5)
+    layers = layer_groups(trainer.distiller.student, coarse=False)  # stem, layer1, layer2, layer3, fc
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for param in group['params']:
+            rates[id(param)] = group['lr']
+    params = dict(trainer.distiller.student.named_parameters())
+    head = len(layers) - 1
+    for index, names in enumerate(layers):
+        expected = 0.05 if index == head else 0.05 * 0.1 * 0.5 ** (head - index)
+        for name in names:
+            assert rates[id(params[name])] == pytest.approx(expected), name
+
+
+def test_gradual_unfreezing_opens_one_stage_per_period_and_resumes_exactly(tmp_path):
+    trainer = _trainer(tmp_path, 'plan', epochs=3, freeze='linear_probe', unfreeze_every=1)
+    freezer = trainer.freezer
+    assert [freezer.frozen_groups(e) for e in range(6)] == [4, 3, 2, 1, 0, 0]  # stem + 3 stages, then none
+    _trainer(tmp_path, 'full', epochs=3, freeze='linear_probe', unfreeze_every=1).fit()
+    _trainer(tmp_path, 'part', epochs=1, freeze='linear_probe', unfreeze_every=1).fit()
+    path, _ = _pretrained(tmp_path, 'safetensors')
+    cfg = digits_config(tmp_path, 'part', epochs=3, student={'name': 'cifar_resnet8', 'checkpoint': path},
+                        transfer={'new_head': True, 'freeze': 'linear_probe', 'unfreeze_every': 1},
+                        scheduler={'name': 'constant'})
+    Trainer(from_dict(cfg), resume=True, quiet=True).fit()
+    metrics = [[json.loads(line) for line in open(tmp_path / run / 'metrics.jsonl')] for run in ('full', 'part')]
+    assert strip_times(metrics[0]) == strip_times(metrics[1])
+    full = load_checkpoint(str(tmp_path / 'full' / 'checkpoints' / 'last.pt'))['model']
+    part = load_checkpoint(str(tmp_path / 'part' / 'checkpoints' / 'last.pt'))['model']
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    assert 'unfrozen down to 2 frozen layer groups' in open(tmp_path / 'full' / 'log.txt').read()
+
+
+@pytest.mark.parametrize('transfer, fragment', [
+    ({'freeze': 'partial', 'frozen_stages': 5}, 'transfer.frozen_stages=5 but CifarResNet has 3 stages'),
+    ({'freeze': 'linear'}, "transfer.freeze must be one of ['full', 'partial', 'linear_probe'], got 'linear'"),
+    ({'backbone_lr_scale': 0.0}, 'transfer.backbone_lr_scale must be > 0, got 0.0'),
+    ({'head_dropout': 1.0}, 'transfer.head_dropout must be in [0, 1), got 1.0'),
+])
+def test_bad_transfer_settings_are_one_line_errors(tmp_path, transfer, fragment):
+    with pytest.raises(DistillError) as info:
+        _trainer(tmp_path, 'bad', **transfer)
+    assert fragment in str(info.value) and '\n' not in str(info.value)
+
+
+def test_stages_come_from_timm_group_matchers_for_cnns_and_vits():
+    for name, kwargs, stages in [('cifar_resnet8', {}, 3), ('resnet18', {}, 4),
+                                 ('vit_tiny_patch16_224', {'img_size': 32, 'depth': 3}, 3)]:
+        model = timm.create_model(name, num_classes=4, **kwargs)
+        freezer = StageFreezer(model, TransferConfig(freeze='partial', frozen_stages=stages))
+        freezer.apply(0)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        head = layer_groups(model, coarse=True)[-1]
+        assert trainable == head, name
