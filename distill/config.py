@@ -84,6 +84,8 @@ class TransferConfig:
     unfreeze_every: int = 0  # > 0: unfreeze one more stage (deepest first) every this many epochs
     backbone_lr_scale: float = 1.0  # lr multiplier of everything but the head (e.g. 0.1)
     layer_decay: Optional[float] = None  # timm layer-wise lr decay: lr * decay^(layers above), e.g. 0.75
+    init_from: Optional[str] = None  # weights (e.g. the teacher's) copied into the student wherever they fit
+    init_map: Dict[str, str] = field(default_factory=dict)  # init_from prefix -> student prefix, e.g. layer3.4. -> layer3.0.
 
 
 @dataclass

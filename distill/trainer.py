@@ -23,8 +23,9 @@ from .data import BatchLoader, build_data
 from .distiller import Distiller
 from .errors import DistillError
 from .losses.base import nearest
-from .models import load_backbone_weights, load_weights
-from .transfer import StageFreezer, apply_lr_scales, param_groups, replace_head, uses_transfer
+from .models import load_backbone_weights, load_state_dict_file, load_weights
+from .transfer import (StageFreezer, apply_lr_scales, param_groups, replace_head, transfer_parameters,
+                       uses_transfer)
 from .run_logger import RunLogger
 
 # Settings that may change between a run and its resumption without changing what is computed.
@@ -146,6 +147,8 @@ class Trainer:
         self.data = build_data(cfg.data, cfg.trainer.seed)
         self.model_notes: List[str] = []
         student = create_model(cfg.student, self.data.num_classes, 'student', cfg.transfer, self.model_notes)
+        if cfg.transfer.init_from:
+            self._init_student(student, cfg.transfer)
         teacher = create_model(cfg.teacher, self.data.num_classes, 'teacher') if cfg.teacher else None
         self.distiller = Distiller(teacher, student, cfg.losses,
                                    input_size=(3, cfg.data.image_size, cfg.data.image_size),
@@ -185,6 +188,21 @@ class Trainer:
             raise DistillError(f"cannot resume {self.run_dir}: the config differs from the run's ({'; '.join(changes[:3])}); "
                                f"resume with {self.run_dir}/resolved.yaml or start a new trainer.run_name")
         return checkpoint
+
+    def _init_student(self, student: nn.Module, transfer: TransferConfig) -> None:
+        path = os.path.expanduser(transfer.init_from)
+        if not os.path.isfile(path):
+            raise DistillError(f"transfer.init_from not found: {transfer.init_from}; point it at the weights to "
+                               f"initialise the student from (e.g. the teacher's student_best.safetensors)")
+        report = transfer_parameters(student, load_state_dict_file(path), transfer.init_map)
+        count = sum(student.state_dict()[name].numel() for name in report['copied'])
+        self.model_notes.append(
+            f"student initialised from {transfer.init_from}: copied {len(report['copied'])} tensors ({count:,} "
+            f"values), resized {len(report['resized'])} {report['resized'][:3]}, not copied "
+            f"{len(report['not_copied'])} {report['not_copied'][:5]}{' ...' if len(report['not_copied']) > 5 else ''}")
+        if not report['copied'] and not report['resized']:
+            raise DistillError(f"transfer.init_from {transfer.init_from}: no tensor fits {self.cfg.student.name} "
+                               f"(names or shapes differ everywhere); map prefixes with transfer.init_map")
 
     def _create_optimizer(self) -> torch.optim.Optimizer:
         opt = self.cfg.optimizer

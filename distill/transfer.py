@@ -9,6 +9,7 @@ function of the epoch, so a resumed run freezes exactly what the uninterrupted o
 at the recipe's lr, everything else times ``backbone_lr_scale`` and, with ``layer_decay``, times
 decay^(layers between it and the head) (timm's BEiT-style layer decay, fine-grained groups).
 """
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -131,3 +132,44 @@ def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
     """Scale each group's lr once (what a timm scheduler does at every update) for runs without a scheduler."""
     for group in optimizer.param_groups:
         group['lr'] = group['lr'] * group.get('lr_scale', 1.0)
+
+
+def transfer_parameters(student: nn.Module, source: Dict[str, torch.Tensor],
+                        prefix_map: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
+    """Initialise ``student`` from another model's state_dict wherever it fits, and say what happened.
+
+    A student tensor ``name`` takes ``source[name]`` (after ``prefix_map``: ``{'layer3.4.': 'layer3.0.'}`` reads
+    the student's ``layer3.0.*`` from the source's ``layer3.4.*``) when the shapes agree. ViT position embeddings
+    and patch-embedding kernels of another size are resampled with timm's ``resample_abs_pos_embed`` /
+    ``resample_patch_embed``. Returns ``{'copied', 'resized', 'not_copied'}`` lists of names (with reasons).
+    """
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+    prefix_map = prefix_map or {}
+    own = student.state_dict()
+    report: Dict[str, List[str]] = {'copied': [], 'resized': [], 'not_copied': []}
+    updates = {}
+    for name, tensor in own.items():
+        source_name = name
+        for source_prefix, student_prefix in prefix_map.items():
+            if name.startswith(student_prefix):
+                source_name = source_prefix + name[len(student_prefix):]
+                break
+        if source_name not in source:
+            report['not_copied'].append(f"{name} (absent)")
+            continue
+        value = source[source_name]
+        if value.shape == tensor.shape:
+            updates[name] = value
+            report['copied'].append(name)
+        elif name.endswith('pos_embed') and value.dim() == 3 and value.shape[-1] == tensor.shape[-1]:
+            prefix_tokens = getattr(student, 'num_prefix_tokens', 1)
+            grid = int(math.sqrt(tensor.shape[1] - prefix_tokens))
+            updates[name] = resample_abs_pos_embed(value, [grid, grid], num_prefix_tokens=prefix_tokens)
+            report['resized'].append(f"{name} {tuple(value.shape)} -> {tuple(tensor.shape)}")
+        elif name.endswith('patch_embed.proj.weight') and value.shape[:2] == tensor.shape[:2]:
+            updates[name] = resample_patch_embed(value, list(tensor.shape[-2:]))
+            report['resized'].append(f"{name} {tuple(value.shape)} -> {tuple(tensor.shape)}")
+        else:
+            report['not_copied'].append(f"{name} ({tuple(value.shape)} vs {tuple(tensor.shape)})")
+    student.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in updates.items()}})
+    return report

@@ -170,3 +170,45 @@ def test_stages_come_from_timm_group_matchers_for_cnns_and_vits():
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         head = layer_groups(model, coarse=True)[-1]
         assert trainable == head, name
+
+
+def test_parameter_transfer_copies_what_fits_maps_prefixes_and_reports_the_rest(tmp_path):
+    from distill.transfer import transfer_parameters
+    torch.manual_seed(0)
+    teacher = timm.create_model('cifar_resnet20', num_classes=10)  # 3 blocks per stage
+    student = timm.create_model('cifar_resnet8', num_classes=10)  # 1 block per stage, same widths
+    source = teacher.state_dict()
+    report = transfer_parameters(student, source, {'layer3.2.': 'layer3.0.'})
+    own = student.state_dict()
+    assert torch.equal(own['layer1.0.conv1.weight'], source['layer1.0.conv1.weight'])  # same name and shape
+    assert torch.equal(own['layer3.0.conv2.weight'], source['layer3.2.conv2.weight'])  # mapped prefix
+    assert torch.equal(own['fc.weight'], source['fc.weight'])
+    assert 'layer3.0.downsample.0.weight (absent)' in report['not_copied']  # layer3.2 has no downsample
+    assert len(report['copied']) + len(report['not_copied']) == len(own) and not report['resized']
+
+
+def test_parameter_transfer_resamples_vit_position_and_patch_embeddings():
+    from distill.transfer import transfer_parameters
+    source = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=2, num_classes=4).state_dict()
+    student = timm.create_model('vit_tiny_patch16_224', img_size=48, patch_size=8, depth=2, num_classes=4)
+    report = transfer_parameters(student, source)  # 4x4 grid of 16 px patches -> 6x6 grid of 8 px patches
+    assert report['resized'] == ['pos_embed (1, 17, 192) -> (1, 37, 192)',
+                                 'patch_embed.proj.weight (192, 3, 16, 16) -> (192, 3, 8, 8)']
+    own = student.state_dict()
+    torch.testing.assert_close(own['pos_embed'][:, :1], source['pos_embed'][:, :1])  # the class token's own
+    assert 'blocks.1.mlp.fc2.weight' in report['copied']
+
+
+def test_init_from_through_the_trainer_logs_the_report(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / 'teacher.safetensors')
+    save_file(timm.create_model('cifar_resnet20', num_classes=10).state_dict(), path)
+    cfg = digits_config(tmp_path, 'init', epochs=1, student={'name': 'cifar_resnet8'},
+                        transfer={'init_from': path, 'init_map': {'layer3.2.': 'layer3.0.'}})
+    Trainer(from_dict(cfg), quiet=True).fit()
+    log = open(tmp_path / 'init' / 'log.txt').read()
+    assert f'student initialised from {path}: copied 49 tensors' in log
+    assert "not copied 7 ['layer3.0.conv1.weight ((64, 64, 3, 3) vs (64, 32, 3, 3))'" in log
+    bad = digits_config(tmp_path, 'bad', epochs=1, transfer={'init_from': str(tmp_path / 'nope.safetensors')})
+    with pytest.raises(DistillError, match='transfer.init_from not found'):
+        Trainer(from_dict(bad), quiet=True)
