@@ -1,4 +1,4 @@
-"""The ``distill`` command: train, eval, demo, models, methods. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, eval, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
 import argparse
 import os
 import sys
@@ -28,8 +28,24 @@ def _eval(args: argparse.Namespace) -> None:
         except DistillError:  # not a distill checkpoint: load_weights below reports real problems
             pass
     cfg = from_dict(checkpoint['config']) if checkpoint and 'config' in checkpoint else None
-    data_cfg = cfg.data if cfg else DataConfig()
-    if args.data is None and cfg is None:
+    data_cfg = _data_config(args, cfg.data if cfg else None)
+    model_name = args.model or (cfg.student.name if cfg else None)
+    if model_name is None:
+        raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
+    stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
+    loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
+    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), len(loader.split.classes), 'model')
+    device = resolve_device(args.device)
+    metrics = evaluate(model.to(device), loader, device)
+    print(f"{model_name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
+          f"top-5 {metrics['top5']:.2f}")
+
+
+def _data_config(args: argparse.Namespace, base=None):
+    """The data section from ``--data`` (a dataset name or an ImageFolder directory) and ``--root``."""
+    from .config import DataConfig
+    data_cfg = base or DataConfig()
+    if args.data is None and base is None:
         raise DistillError("--data is required for weights without a distill config (a dataset name: cifar10, "
                            "cifar100, digits; or an ImageFolder directory)")
     if args.data is not None:
@@ -41,16 +57,42 @@ def _eval(args: argparse.Namespace) -> None:
             raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, digits")
     if args.root:
         data_cfg.root = args.root
-    model_name = args.model or (cfg.student.name if cfg else None)
-    if model_name is None:
-        raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
-    stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
-    loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
-    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), len(loader.split.classes), 'model')
+    return data_cfg
+
+
+def _extract(args: argparse.Namespace) -> None:
+    import time
+    from .config import ModelConfig, TransferConfig
+    from .probe import extract_features, feature_loaders, save_features
+    from .trainer import create_model, resolve_device
+    data_cfg = _data_config(args)
+    data_cfg.image_size, data_cfg.augment = args.image_size, 'none'
+    data_cfg.train_per_class, data_cfg.val_per_class = args.train_per_class, args.val_per_class
+    train_loader, val_loader = feature_loaders(data_cfg)
+    notes = []
+    model = create_model(ModelConfig(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained),
+                         len(train_loader.split.classes), 'model', TransferConfig(new_head=True), notes)
     device = resolve_device(args.device)
-    metrics = evaluate(model.to(device), loader, device)
-    print(f"{model_name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
-          f"top-5 {metrics['top5']:.2f}")
+    layer = int(args.layer) if args.layer is not None and args.layer.lstrip('-').isdigit() else args.layer
+    started = time.perf_counter()
+    tensors = {}
+    for split, loader in (('train', train_loader), ('val', val_loader)):
+        for key, value in extract_features(model, loader, device, layer).items():
+            tensors[f'{split}_{key}'] = value
+    save_features(args.out, tensors, {'model': args.model, 'checkpoint': str(args.checkpoint),
+                                      'layer': str(args.layer), 'classes': ','.join(train_loader.split.classes)})
+    for note in notes:
+        print(note)
+    print(f"{args.model}: {len(train_loader.split)} train / {len(val_loader.split)} val features of size "
+          f"{tensors['train_features'].shape[1]}{' and layer ' + str(args.layer) if args.layer else ''} in "
+          f"{time.perf_counter() - started:.1f}s -> {args.out}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from .probe import probe_file
+    result = probe_file(args.features, args.layer, args.weight_decay, args.max_iter)
+    print(f"linear probe on {'layer' if args.layer else 'pooled'} features of {args.features}: val top-1 "
+          f"{result['val_top1']:.2f} (train {result['train_top1']:.2f}) in {result['seconds']:.1f}s")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -108,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser('models', help='list timm model names (e.g. "cifar_*")')
     models.add_argument('pattern', nargs='?', default='cifar_*')
     models.set_defaults(func=_models)
+    extract = sub.add_parser('extract', help='store a frozen backbone\'s features of a dataset (for distill probe)')
+    extract.add_argument('--model', required=True, help='timm model name')
+    extract.add_argument('--checkpoint', help='local weights (its classifier is not needed)')
+    extract.add_argument('--pretrained', action='store_true', help='timm hub weights (needs internet)')
+    extract.add_argument('--data', required=True, help='cifar10 | cifar100 | digits | an ImageFolder directory')
+    extract.add_argument('--root', help='dataset folder for cifar10/cifar100')
+    extract.add_argument('--image-size', type=int, default=32)
+    extract.add_argument('--train-per-class', type=int, default=None)
+    extract.add_argument('--val-per-class', type=int, default=None)
+    extract.add_argument('--layer', help='also store this tap pooled (stage index, module path, preact:N)')
+    extract.add_argument('--out', required=True, help='.safetensors or .npz file')
+    extract.add_argument('--device', default='auto')
+    extract.set_defaults(func=_extract)
+    probe = sub.add_parser('probe', help='fit a linear classifier on features stored by distill extract')
+    probe.add_argument('features', help='file written by distill extract')
+    probe.add_argument('--layer', action='store_true', help='probe the stored --layer features, not the pooled ones')
+    probe.add_argument('--weight-decay', type=float, default=1e-4)
+    probe.add_argument('--max-iter', type=int, default=200)
+    probe.set_defaults(func=_probe)
     methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, needs, supported pairs')
     methods.set_defaults(func=_methods)
     return parser

@@ -212,3 +212,29 @@ def test_init_from_through_the_trainer_logs_the_report(tmp_path):
     bad = digits_config(tmp_path, 'bad', epochs=1, transfer={'init_from': str(tmp_path / 'nope.safetensors')})
     with pytest.raises(DistillError, match='transfer.init_from not found'):
         Trainer(from_dict(bad), quiet=True)
+
+
+def test_extract_then_probe_matches_a_linear_probe_run_through_the_trainer(tmp_path, capsys):
+    """A digits backbone, frozen: stored-feature probing (L-BFGS on pooled features) reaches the accuracy of a
+    linear-probe run through the trainer (new head, backbone frozen, no augmentation) within 2 points."""
+    from distill.cli import main
+    from distill.probe import load_features
+    Trainer(from_dict(digits_config(tmp_path, 'backbone', epochs=3)), quiet=True).fit()
+    weights = str(tmp_path / 'backbone' / 'student_last.safetensors')
+    for out in ('f.safetensors', 'f.npz'):
+        assert main(['extract', '--model', 'cifar_resnet8', '--checkpoint', weights, '--data', 'digits',
+                     '--image-size', '8', '--layer', '2', '--out', str(tmp_path / out)]) == 0
+    stored = load_features(str(tmp_path / 'f.safetensors'))
+    assert stored['train_features'].shape == (1438, 64) and stored['val_layer'].shape == (359, 32)
+    npz = load_features(str(tmp_path / 'f.npz'))
+    assert all(torch.equal(stored[k], npz[k]) for k in stored)
+    capsys.readouterr()
+    assert main(['probe', str(tmp_path / 'f.safetensors')]) == 0
+    probe_top1 = float(capsys.readouterr().out.split('val top-1 ')[1].split()[0])
+    cfg = digits_config(tmp_path, 'linear_probe', epochs=20, student={'name': 'cifar_resnet8', 'checkpoint': weights},
+                        data={'augment': 'none'}, optimizer={'lr': 0.2},
+                        transfer={'new_head': True, 'freeze': 'linear_probe'})
+    trainer_top1 = Trainer(from_dict(cfg), quiet=True).fit()['last_top1']
+    assert probe_top1 > 80 and abs(probe_top1 - trainer_top1) <= 2.0, (probe_top1, trainer_top1)
+    assert main(['probe', str(tmp_path / 'missing.safetensors')]) == 2
+    assert 'features file not found' in capsys.readouterr().err
