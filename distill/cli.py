@@ -9,9 +9,8 @@ from .errors import DistillError
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .trainer import Trainer
-    cfg = load_config(args.recipe, args.overrides)
-    Trainer(cfg, resume=args.resume, quiet=args.quiet).fit()
+    from .pipeline import run
+    run(load_config(args.recipe, args.overrides), resume=args.resume, quiet=args.quiet)
 
 
 def _eval(args: argparse.Namespace) -> None:

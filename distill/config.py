@@ -89,6 +89,14 @@ class TransferConfig:
 
 
 @dataclass
+class TeacherFinetuneConfig:
+    """Stage 1 of a two-stage recipe: fine-tune ``teacher`` on this recipe's data, then distill from it."""
+    epochs: int = 10
+    lr: Optional[float] = None  # None: optimizer.lr
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(new_head=True))
+
+
+@dataclass
 class WandbConfig:
     mode: str = 'disabled'  # online | offline | disabled
     project: str = 'distill'
@@ -107,6 +115,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    teacher_finetune: Optional[TeacherFinetuneConfig] = None  # set: fine-tune the teacher first (two stages)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -189,6 +198,15 @@ def _validate(cfg: Config) -> None:
     for key in ('frozen_stages', 'unfreeze_every'):
         if getattr(cfg.transfer, key) < 0:
             raise DistillError(f"transfer.{key} must be >= 0, got {getattr(cfg.transfer, key)}")
+    if cfg.teacher_finetune is not None:
+        if cfg.teacher is None:
+            raise DistillError("teacher_finetune needs a teacher to fine-tune: set teacher.name (and its "
+                               "teacher.checkpoint or teacher.pretrained)")
+        if cfg.teacher_finetune.transfer.head_hidden is not None:
+            raise DistillError("teacher_finetune.transfer.head_hidden is not supported (the distilled teacher is "
+                               "rebuilt with a plain timm head); remove it")
+        if cfg.teacher_finetune.epochs <= 0:
+            raise DistillError(f"teacher_finetune.epochs must be > 0, got {cfg.teacher_finetune.epochs}")
     if not 0.0 <= cfg.transfer.head_dropout < 1.0:
         raise DistillError(f"transfer.head_dropout must be in [0, 1), got {cfg.transfer.head_dropout}")
 

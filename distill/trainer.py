@@ -115,12 +115,12 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
             'loss': loss_sum.item() / count}
 
 
-def _config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
         path, a, b = prefix + key, old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict) and key != 'losses':
-            changes += _config_changes(a, b, path + '.')
+            changes += config_changes(a, b, path + '.')
         elif a != b and not path.startswith(RESUMABLE_CHANGES):
             changes.append(f"{path}: {a!r} -> {b!r}")
     return changes
@@ -183,7 +183,7 @@ class Trainer:
             raise DistillError(f"nothing to resume: {self.last_path} does not exist (no epoch finished); start "
                                f"the run again without --resume")
         checkpoint = load_checkpoint(self.last_path)
-        changes = _config_changes(checkpoint['config'], to_dict(self.cfg))
+        changes = config_changes(checkpoint['config'], to_dict(self.cfg))
         if changes:
             raise DistillError(f"cannot resume {self.run_dir}: the config differs from the run's ({'; '.join(changes[:3])}); "
                                f"resume with {self.run_dir}/resolved.yaml or start a new trainer.run_name")

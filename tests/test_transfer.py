@@ -238,3 +238,36 @@ def test_extract_then_probe_matches_a_linear_probe_run_through_the_trainer(tmp_p
     assert probe_top1 > 80 and abs(probe_top1 - trainer_top1) <= 2.0, (probe_top1, trainer_top1)
     assert main(['probe', str(tmp_path / 'missing.safetensors')]) == 2
     assert 'features file not found' in capsys.readouterr().err
+
+
+def test_two_stage_recipe_fine_tunes_the_teacher_then_distills_from_its_checkpoint(tmp_path, capsys):
+    import yaml
+    from distill.cli import main
+    pretrained, _ = _pretrained(tmp_path, 'safetensors', name='cifar_resnet8x4')  # 7 classes, "another task"
+    recipe = digits_config(tmp_path / 'runs', 'pipeline', epochs=2, student={'name': 'cifar_resnet8'},
+                           teacher={'name': 'cifar_resnet8x4', 'checkpoint': pretrained},
+                           losses={'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4.0}},
+                           teacher_finetune={'epochs': 2, 'transfer': {'new_head': True, 'freeze': 'partial',
+                                                                       'frozen_stages': 1}})
+    path = tmp_path / 'pipeline.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(['train', str(path), '--quiet']) == 0
+    first = json.load(open(tmp_path / 'runs' / 'pipeline-teacher' / 'summary.json'))
+    second = json.load(open(tmp_path / 'runs' / 'pipeline' / 'summary.json'))
+    assert first['student'] == 'cifar_resnet8x4' and first['epochs'] == 2
+    assert second['teacher_top1'] == first['best_top1']  # stage 2 distills from stage 1's best weights
+    resolved = yaml.safe_load(open(tmp_path / 'runs' / 'pipeline' / 'resolved.yaml'))
+    assert resolved['teacher']['checkpoint'].endswith('pipeline-teacher/student_best.safetensors')
+    assert 'stem (conv1...): 0 trainable' in open(tmp_path / 'runs' / 'pipeline-teacher' / 'log.txt').read()
+    # running it on for another epoch reuses the finished teacher stage and resumes stage 2
+    capsys.readouterr()
+    assert main(['train', str(path), 'trainer.epochs=3', '--resume']) == 0
+    assert 'teacher fine-tuning already done' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'runs' / 'pipeline' / 'summary.json'))['epochs'] == 3
+    assert json.load(open(tmp_path / 'runs' / 'pipeline-teacher' / 'summary.json')) == first
+
+
+def test_two_stage_recipe_without_a_teacher_is_a_one_line_error(tmp_path):
+    cfg = digits_config(tmp_path, 'x', teacher_finetune={'epochs': 1})
+    with pytest.raises(DistillError, match='teacher_finetune needs a teacher to fine-tune'):
+        from_dict(cfg)
