@@ -38,6 +38,8 @@ class DataConfig:
     std: Optional[List[float]] = None
     train_per_class: Optional[int] = None  # keep only the first N training images of each class
     val_per_class: Optional[int] = None
+    subset_seed: Optional[int] = None  # set: *_per_class picks a random subset (this seed) instead of the first N
+    classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TrainerConfig:
     output_dir: str = 'runs'
     run_name: Optional[str] = None  # default: the recipe's file name
     progress: bool = True  # tqdm bars (shown only on a terminal)
+    eval_every: int = 1  # validate every N epochs (and after the last one)
 
 
 @dataclass
@@ -126,8 +129,8 @@ CHOICES = {
     'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
 }
-POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'optimizer.lr',
-            'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
+POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
+            'optimizer.lr', 'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
             'transfer.backbone_lr_scale', 'transfer.layer_decay')
 
 

@@ -36,12 +36,36 @@ def cache_dir() -> str:
     return os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
 
 
-def _keep_per_class(labels: np.ndarray, per_class: Optional[int]) -> np.ndarray:
-    """Indices of the first ``per_class`` samples of each class (all when None), in dataset order."""
+def _pick(members: np.ndarray, per_class: Optional[int], seed: Optional[int], label: int) -> np.ndarray:
+    """The first ``per_class`` of ``members`` (all when None), or a random subset when ``seed`` is set."""
+    if per_class is None:
+        return members
+    if seed is not None:
+        members = np.random.RandomState([seed, label]).permutation(members)
+    return np.sort(members[:per_class])
+
+
+def _keep_per_class(labels: np.ndarray, per_class: Optional[int], seed: Optional[int] = None) -> np.ndarray:
+    """Indices of ``per_class`` samples of each class (all when None), in dataset order."""
     if per_class is None:
         return np.arange(len(labels))
-    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
-    return np.sort(keep)
+    return np.sort(np.concatenate([_pick(np.flatnonzero(labels == c), per_class, seed, int(c))
+                                   for c in np.unique(labels)]))
+
+
+def _select_classes(split: 'ImageSplit', names: Optional[List[str]], where: str) -> 'ImageSplit':
+    """Only the classes ``names`` (relabelled 0..k-1 in that order)."""
+    if names is None:
+        return split
+    unknown = [n for n in names if n not in split.classes]
+    if unknown:
+        raise DistillError(f"data.classes {unknown} not in {where}; its classes are {split.classes}")
+    old_labels = torch.tensor([split.classes.index(n) for n in names])
+    mapping = torch.full((len(split.classes),), -1, dtype=torch.int64)
+    mapping[old_labels] = torch.arange(len(names))
+    new_labels = mapping[split.labels]
+    keep = new_labels >= 0
+    return ImageSplit(split.images[keep], new_labels[keep], list(names))
 
 
 def _load_cifar(cfg: DataConfig, train: bool) -> ImageSplit:
@@ -92,10 +116,16 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if not classes:
         raise DistillError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>")
+    if cfg.classes is not None:  # decode only the chosen classes
+        unknown = [n for n in cfg.classes if n not in classes]
+        if unknown:
+            raise DistillError(f"data.classes {unknown} not in {split_dir}; its classes are {classes}")
+        classes = list(cfg.classes)
     files, labels = [], []
     for label, name in enumerate(classes):
-        names = sorted(f for f in os.listdir(os.path.join(split_dir, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        names = names if per_class is None else names[:per_class]
+        names = np.array(sorted(f for f in os.listdir(os.path.join(split_dir, name))
+                                if f.lower().endswith(IMAGE_EXTENSIONS)))
+        names = names[_pick(np.arange(len(names)), per_class, cfg.subset_seed, label)].tolist()
         files += [os.path.join(split_dir, name, f) for f in names]
         labels += [label] * len(names)
     key = hashlib.sha1(repr((files, cfg.image_size)).encode()).hexdigest()[:16]
@@ -125,7 +155,8 @@ def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
     if cfg.name == 'imagefolder':
         return _load_imagefolder(cfg, train, per_class)
     split = _load_cifar(cfg, train) if cfg.name.startswith('cifar') else _load_digits(cfg, train)
-    keep = torch.from_numpy(_keep_per_class(split.labels.numpy(), per_class))
+    split = _select_classes(split, cfg.classes, cfg.name)
+    keep = torch.from_numpy(_keep_per_class(split.labels.numpy(), per_class, cfg.subset_seed))
     images = split.images[keep]
     if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
         images = F.interpolate(images.float(), size=(cfg.image_size, cfg.image_size), mode='bilinear',

@@ -54,7 +54,8 @@ def plot_curves(histories: Dict[str, List[Dict[str, Any]]], path: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, history in histories.items():
-        ax.plot([r['epoch'] for r in history], [r['val_top1'] for r in history], label=label)
+        evaluated = [r for r in history if 'val_top1' in r]
+        ax.plot([r['epoch'] for r in evaluated], [r['val_top1'] for r in evaluated], label=label)
     ax.set_xlabel('epoch')
     ax.set_ylabel('validation top-1 (%)')
     ax.set_title('distill demo: teacher, student alone, student + KD')

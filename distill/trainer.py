@@ -29,7 +29,8 @@ from .transfer import (StageFreezer, apply_lr_scales, param_groups, replace_head
 from .run_logger import RunLogger
 
 # Settings that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'data.eval_batch_size', 'wandb.')
+RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
+                     'data.eval_batch_size', 'wandb.')
 SCHEDULERS = ('multistep', 'step', 'cosine', 'tanh', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
 
 
@@ -373,23 +374,25 @@ class Trainer:
                 group = self.optimizer.param_groups[0]  # the recipe's lr: groups may carry a transfer lr_scale
                 lr = group['lr'] / group.get('lr_scale', 1.0)
                 record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
-                val = evaluate(self.distiller.student, self.data.val, self.device, self.amp_dtype)
-                record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'],
-                              epoch_time=time.perf_counter() - started)
+                evaluated = (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
+                if evaluated:
+                    val = evaluate(self.distiller.student, self.data.val, self.device, self.amp_dtype)
+                    record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'])
+                record['epoch_time'] = time.perf_counter() - started
                 if self.scheduler:
                     self.scheduler.step(epoch + 1)
-                improved = val['top1'] > self.best_top1
+                improved = evaluated and record['val_top1'] > self.best_top1
                 if improved:
-                    self.best_top1, self.best_epoch = val['top1'], epoch + 1
+                    self.best_top1, self.best_epoch = record['val_top1'], epoch + 1
                 self.history.append(record)
                 state = self._state(epoch + 1)
                 atomic_save(state, self.last_path)
                 if improved:
                     atomic_save(state, self.best_path)
                 logger.log_epoch(record)
+                val_text = f" val top-1 {record['val_top1']:.2f} top-5 {record['val_top5']:.2f}" if evaluated else ''
                 logger.info(f"epoch {epoch + 1}/{cfg.trainer.epochs} lr {lr:.4g} loss {record['train_loss']:.4f} "
-                            f"train {record['train_top1']:.2f} val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f}"
-                            f" ({record['epoch_time']:.1f}s)")
+                            f"train {record['train_top1']:.2f}{val_text} ({record['epoch_time']:.1f}s)")
             summary = self._summary()
             self._export()
             completed = True

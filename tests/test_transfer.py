@@ -271,3 +271,21 @@ def test_two_stage_recipe_without_a_teacher_is_a_one_line_error(tmp_path):
     cfg = digits_config(tmp_path, 'x', teacher_finetune={'epochs': 1})
     with pytest.raises(DistillError, match='teacher_finetune needs a teacher to fine-tune'):
         from_dict(cfg)
+
+
+def test_class_subsets_random_per_class_subsets_and_sparse_evaluation(tmp_path):
+    from distill.config import DataConfig
+    from distill.data import load_split
+    cfg = DataConfig(name='digits', classes=['7', '3'], train_per_class=20, subset_seed=1)
+    split = load_split(cfg, train=True)
+    assert split.classes == ['7', '3'] and split.labels.bincount().tolist() == [20, 20]
+    other = load_split(DataConfig(name='digits', classes=['7', '3'], train_per_class=20, subset_seed=2), True)
+    first = load_split(DataConfig(name='digits', classes=['7', '3'], train_per_class=20), True)
+    assert not torch.equal(split.images, other.images) and not torch.equal(split.images, first.images)
+    with pytest.raises(DistillError, match=r"data.classes \['cat'\] not in digits"):
+        load_split(DataConfig(name='digits', classes=['cat']), True)
+    cfg = digits_config(tmp_path, 'sparse', epochs=5, trainer={'eval_every': 2})
+    summary = Trainer(from_dict(cfg), quiet=True).fit()
+    records = [json.loads(line) for line in open(tmp_path / 'sparse' / 'metrics.jsonl')]
+    assert ['val_top1' in r for r in records] == [False, True, False, True, True]
+    assert summary['best_epoch'] in (2, 4, 5) and summary['last_top1'] == records[-1]['val_top1']
