@@ -99,6 +99,11 @@ def test_methods_lists_every_registered_method(capsys):
     (['losses.kdd=0.9'], "unknown loss 'kdd' (did you mean 'kd'?)"),
     (['data.num_classes=100'], 'data.num_classes=100 but digits'),
     (['optimizer.name=sgdd'], "unknown optimizer.name 'sgdd' (did you mean 'sgd'?)"),
+    (['student.checkpoint=/nonexistent/w.safetensors'], 'student.checkpoint not found: /nonexistent/w.safetensors'),
+    (['transfer.freeze=linear'], "transfer.freeze must be one of ['full', 'partial', 'linear_probe']"),
+    (['transfer.freeze=partial', 'transfer.frozen_stages=4'], 'transfer.frozen_stages=4 but CifarResNet has 3 stages'),
+    (['transfer.init_from=/nonexistent/t.pt'], 'transfer.init_from not found: /nonexistent/t.pt'),
+    (['data.classes=[cat]'], "data.classes ['cat'] not in digits"),
 ])
 def test_bad_train_inputs(tmp_path, capsys, overrides, fragment):
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
