@@ -15,7 +15,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
-    from .config import DataConfig, ModelConfig, from_dict
+    from .config import ModelConfig, from_dict
     from .data import build_eval_loader
     from .trainer import create_model, evaluate, resolve_device
     if not os.path.isfile(args.checkpoint):

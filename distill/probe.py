@@ -7,7 +7,7 @@ seconds: a linear probe without re-running the backbone every epoch.
 """
 import os
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn

@@ -899,7 +899,7 @@ def test_strong_view_batches_are_reproducible_and_mlkd_trains_and_resumes_exactl
     assert len(next(iter(build_data(cfg.data, seed=3).train))) == 3
     first, second = build_data(cfg.data, seed=3), build_data(cfg.data, seed=3)
     first.train.strong_view = second.train.strong_view = True
-    (weak, labels, indices, strong), again = next(iter(first.train)), next(iter(second.train))
+    (weak, _, _, strong), again = next(iter(first.train)), next(iter(second.train))
     assert torch.equal(strong, again[3]) and torch.equal(weak, again[0])
     assert strong.shape == weak.shape and not torch.equal(strong, weak)
 

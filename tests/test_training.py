@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import distill  # noqa: F401
-from distill.checkpoint import atomic_save, load_checkpoint
+from distill.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.demo import run_demo
 from distill.errors import DistillError

@@ -1,7 +1,6 @@
 """Transfer learning: local pretrained weights in every format, a new head, freeze modes, per-layer learning rates
 and gradual unfreezing, through the real trainer on digits."""
 import json
-import os
 
 import pytest
 import timm

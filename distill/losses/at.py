@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, pool_to_smaller, register_loss
+from .base import PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -19,11 +19,8 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 @fp32_loss
 def at_loss(student_features: List[torch.Tensor], teacher_features: List[torch.Tensor], p: float = 2.0) -> torch.Tensor:
-    total = 0.0
-    for student, teacher in zip(student_features, teacher_features):
-        student, teacher = pool_to_smaller(student, teacher)
-        total = total + (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
-    return total
+    return sum_over_pairs(student_features, teacher_features,
+                          lambda student, teacher: (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean())
 
 
 @register_loss('at')

@@ -206,6 +206,12 @@ def pool_to_smaller(student: torch.Tensor, teacher: torch.Tensor):
     return student, teacher
 
 
+def sum_over_pairs(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+                   pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum of ``pair_loss`` over stage pairs, the larger map of each pair pooled to the smaller (AT, NST)."""
+    return sum(pair_loss(*pool_to_smaller(s, t)) for s, t in zip(student_features, teacher_features))
+
+
 class PairedStagesLoss(LossTerm):
     """A term over pairs of stages: by default every stage but the stem of each model, paired in order and
     truncated to the shorter list (RepDistiller's ``zip(feat_s[1:-1], feat_t[1:-1])``)."""

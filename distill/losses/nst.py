@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, pool_to_smaller, register_loss
+from .base import PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
 
 
 def polynomial_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -21,14 +21,12 @@ def polynomial_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @fp32_loss
 def nst_loss(student_features: List[torch.Tensor], teacher_features: List[torch.Tensor]) -> torch.Tensor:
-    total = 0.0
-    for student, teacher in zip(student_features, teacher_features):
-        student, teacher = pool_to_smaller(student, teacher)
-        student = F.normalize(student.flatten(2), dim=2)
-        teacher = F.normalize(teacher.flatten(2), dim=2)
-        total = total + (polynomial_kernel_mean(teacher, teacher).detach() + polynomial_kernel_mean(student, student)
-                         - 2 * polynomial_kernel_mean(student, teacher))
-    return total
+    def squared_mmd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        student, teacher = F.normalize(student.flatten(2), dim=2), F.normalize(teacher.flatten(2), dim=2)
+        return (polynomial_kernel_mean(teacher, teacher).detach() + polynomial_kernel_mean(student, student)
+                - 2 * polynomial_kernel_mean(student, teacher))
+
+    return sum_over_pairs(student_features, teacher_features, squared_mmd)
 
 
 @register_loss('nst')

@@ -9,7 +9,6 @@ from typing import List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from ._base import CifarNet, register_variants
 
 
