@@ -1,4 +1,4 @@
-"""The ``distill`` command: train, eval, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, eval, extract, probe, table, demo, models, methods. User mistakes print one line and exit with code 2."""
 import argparse
 import os
 import sys
@@ -94,6 +94,11 @@ def _probe(args: argparse.Namespace) -> None:
           f"{result['val_top1']:.2f} (train {result['train_top1']:.2f}) in {result['seconds']:.1f}s")
 
 
+def _table(args: argparse.Namespace) -> None:
+    from .table import table
+    print(table(args.runs, args.paper))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     run_demo(data_dir=args.data, output_dir=args.output, epochs=args.epochs, seed=args.seed,
@@ -168,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--weight-decay', type=float, default=1e-4)
     probe.add_argument('--max-iter', type=int, default=200)
     probe.set_defaults(func=_probe)
+    tab = sub.add_parser('table', help='markdown table of finished runs (mean +- std over seeds) vs the paper')
+    tab.add_argument('runs', help='directory holding run directories (searched recursively for summary.json)')
+    tab.add_argument('--paper', help='published numbers, e.g. experiments/cifar100/paper.yaml')
+    tab.set_defaults(func=_table)
     methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, needs, supported pairs')
     methods.set_defaults(func=_methods)
     return parser

@@ -1,0 +1,93 @@
+"""``distill table``: a markdown table of finished runs (their ``summary.json``) against published numbers.
+
+Runs are grouped by teacher -> student pair and method (the loss terms other than ``ce``, joined with ``+``;
+``student`` for a student trained alone, listed under every pair with that student). Each row gives the number of
+seeds, best-epoch and last-epoch top-1 as mean +- std, the paper's number with its source, and our mean minus
+the paper's on the metric that source reports (CRD reports the last epoch, DKD the best).
+"""
+import glob
+import json
+import math
+import os
+import statistics
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from .errors import DistillError
+
+
+def method_name(summary: Dict[str, Any]) -> str:
+    terms = [name for name in summary.get('losses', {}) if name != 'ce']
+    return '+'.join(sorted(terms)) or 'student'
+
+
+def collect(runs_dir: str) -> List[Dict[str, Any]]:
+    if not os.path.isdir(runs_dir):
+        raise DistillError(f"runs directory not found: {runs_dir}")
+    rows = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, '**', 'summary.json'), recursive=True)):
+        try:
+            summary = json.load(open(path))
+        except (OSError, ValueError) as exc:
+            raise DistillError(f"cannot read {path} ({exc}); delete or re-run that run") from None
+        rows.append(dict(teacher=summary.get('teacher'), student=summary['student'], method=method_name(summary),
+                         seed=summary.get('seed'), best=summary['best_top1'], last=summary['last_top1'],
+                         run=os.path.dirname(path)))
+    if not rows:
+        raise DistillError(f"no finished runs (summary.json) under {runs_dir}")
+    return rows
+
+
+def load_paper(path: Optional[str]) -> Dict[str, Any]:
+    if path is None:
+        return {'sources': {}, 'pairs': {}}
+    if not os.path.isfile(path):
+        raise DistillError(f"paper numbers not found: {path}")
+    data = yaml.safe_load(open(path)) or {}
+    for pair, methods in (data.get('pairs') or {}).items():
+        for method, entry in methods.items():
+            if entry.get('source') not in data.get('sources', {}):
+                raise DistillError(f"{path}: {pair} {method} cites source {entry.get('source')!r}, which is not "
+                                   f"under 'sources'")
+    return data
+
+
+def _stats(values: List[float]) -> Tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+    pairs = sorted({(r['teacher'], r['student']) for r in rows if r['teacher']})
+    alone = {r['student'] for r in rows if not r['teacher']}
+    pairs += sorted((None, s) for s in alone if not any(p[1] == s for p in pairs))
+    lines = ['| teacher -> student | method | seeds | best top-1 | last top-1 | paper | ours - paper |',
+             '|---|---|---|---|---|---|---|']
+    for teacher, student in pairs:
+        group: Dict[str, List[Dict[str, Any]]] = {}
+        for r in rows:
+            if r['student'] == student and (r['teacher'] == teacher or not r['teacher']):
+                group.setdefault(r['method'], []).append(r)
+        pair_key = f"{teacher}->{student}" if teacher else student
+        published = (paper.get('pairs') or {}).get(pair_key, {})
+        for method in sorted(group, key=lambda m: (m != 'student', m)):
+            runs = group[method]
+            best, last = _stats([r['best'] for r in runs]), _stats([r['last'] for r in runs])
+            entry = published.get(method)
+            paper_text, delta_text = '-', '-'
+            if entry:
+                source = paper['sources'][entry['source']]
+                ours = best[0] if source.get('metric') == 'best' else last[0]
+                paper_text = f"{entry['top1']:.2f} ({entry['source']}, {source.get('metric', 'last')})"
+                delta_text = f"{ours - entry['top1']:+.2f}"
+            lines.append(f"| {teacher or '-'} -> {student} | {method} | {len(runs)} | {best[0]:.2f} +- {best[1]:.2f} "
+                         f"| {last[0]:.2f} +- {last[1]:.2f} | {paper_text} | {delta_text} |")
+    sources = paper.get('sources') or {}
+    if sources:
+        lines.append('')
+        lines += [f"{key}: {value['citation']}" for key, value in sources.items()]
+    return '\n'.join(lines)
+
+
+def table(runs_dir: str, paper_path: Optional[str] = None) -> str:
+    return build_table(collect(runs_dir), load_paper(paper_path))

@@ -1,0 +1,49 @@
+"""`distill table` on synthetic summary.json files: grouping, mean/std over seeds, paper numbers and deltas."""
+import json
+import os
+
+import pytest
+
+from distill import DistillError
+from distill.cli import main
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+
+
+def write_run(root, name, teacher, student, losses, seed, best, last):
+    os.makedirs(root / name)
+    (root / name / 'summary.json').write_text(json.dumps(dict(
+        teacher=teacher, student=student, losses=losses, seed=seed, best_top1=best, last_top1=last, epochs=240)))
+
+
+def test_table_gives_means_stds_and_deltas_against_the_paper(tmp_path, capsys):
+    pair = ('cifar_resnet32x4', 'cifar_resnet8x4')
+    for seed, (best, last) in enumerate([(74.0, 73.0), (75.0, 74.0), (76.0, 75.0)]):
+        write_run(tmp_path, f'kd{seed}', *pair, {'ce': 0.1, 'kd': 0.9}, seed, best, last)
+        write_run(tmp_path, f'crdkd{seed}', *pair, {'ce': 1.0, 'kd': 1.0, 'crd': 0.8}, seed, best + 2, last + 2)
+    write_run(tmp_path, 'base', None, 'cifar_resnet8x4', {'ce': 1.0}, 0, 72.0, 71.5)
+    write_run(tmp_path, 'dkd', *pair, {'ce': 1.0, 'dkd': 1.0}, 0, 76.5, 76.0)
+    assert main(['table', str(tmp_path), '--paper', os.path.join(REPO, 'experiments', 'cifar100', 'paper.yaml')]) == 0
+    out = capsys.readouterr().out
+    # KD: last 73, 74, 75 -> 74.00 +- 1.00 against CRD's 73.33 (a last-epoch number): +0.67
+    assert '| cifar_resnet32x4 -> cifar_resnet8x4 | kd | 3 | 75.00 +- 1.00 | 74.00 +- 1.00 | 73.33 (crd, last) | +0.67 |' in out
+    assert '| crd+kd | 3 | 77.00 +- 1.00 | 76.00 +- 1.00 | 75.46 (crd, last) | +0.54 |' in out
+    # DKD is compared on the best epoch, as the DKD paper reports: 76.50 - 76.32
+    assert '| dkd | 1 | 76.50 +- 0.00 | 76.00 +- 0.00 | 76.32 (dkd, best) | +0.18 |' in out
+    # the student alone appears in the pair's block, first
+    lines = [line for line in out.splitlines() if line.startswith('| cifar_resnet32x4')]
+    assert lines[0].startswith('| cifar_resnet32x4 -> cifar_resnet8x4 | student | 1 | 72.00 +- 0.00 | 71.50')
+    assert 'crd: Tian, Krishnan & Isola' in out
+
+
+def test_table_errors_are_one_line(tmp_path, capsys):
+    assert main(['table', str(tmp_path / 'missing')]) == 2
+    assert 'runs directory not found' in capsys.readouterr().err
+    assert main(['table', str(tmp_path)]) == 2
+    assert 'no finished runs (summary.json)' in capsys.readouterr().err
+    bad = tmp_path / 'paper.yaml'
+    bad.write_text('sources: {}\npairs: {a: {kd: {top1: 1.0, source: nope}}}\n')
+    write_run(tmp_path, 'r', None, 's', {'ce': 1.0}, 0, 1.0, 1.0)
+    with pytest.raises(DistillError, match="cites source 'nope'"):
+        from distill.table import load_paper
+        load_paper(str(bad))
