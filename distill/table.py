@@ -1,7 +1,8 @@
 """``distill table``: a markdown table of finished runs (their ``summary.json``) against published numbers.
 
 Runs are grouped by teacher -> student pair and method (the loss terms other than ``ce``, joined with ``+``;
-``student`` for a student trained alone, listed under every pair with that student). Each row gives the number of
+``student`` for a student trained alone, listed under every pair with that student; transfer settings of the
+run's ``resolved.yaml``, if any, in brackets). Each row gives the number of
 seeds, best-epoch and last-epoch top-1 as mean +- std, the paper's number with its source, and our mean minus
 the paper's on the metric that source reports (CRD reports the last epoch, DKD the best).
 """
@@ -17,9 +18,21 @@ import yaml
 from .errors import DistillError
 
 
-def method_name(summary: Dict[str, Any]) -> str:
+def method_name(summary: Dict[str, Any], resolved: Optional[Dict[str, Any]] = None) -> str:
+    """``kd``, ``crd+kd``, ``student``...; with the run's transfer settings in brackets when it used any."""
     terms = [name for name in summary.get('losses', {}) if name != 'ce']
-    return '+'.join(sorted(terms)) or 'student'
+    name = '+'.join(sorted(terms)) or 'student'
+    tags = []
+    if resolved:
+        student, transfer = resolved.get('student') or {}, resolved.get('transfer') or {}
+        if student.get('checkpoint') or student.get('pretrained'):
+            tags.append('pretrained')
+        if transfer.get('freeze', 'full') != 'full':
+            tags.append(transfer['freeze'] + (f" {transfer.get('frozen_stages')}" if transfer['freeze'] == 'partial'
+                                              else ''))
+        if transfer.get('backbone_lr_scale', 1.0) != 1.0:
+            tags.append(f"backbone lr x{transfer['backbone_lr_scale']:g}")
+    return f"{name} ({', '.join(tags)})" if tags else name
 
 
 def collect(runs_dir: str) -> List[Dict[str, Any]]:
@@ -31,7 +44,10 @@ def collect(runs_dir: str) -> List[Dict[str, Any]]:
             summary = json.load(open(path))
         except (OSError, ValueError) as exc:
             raise DistillError(f"cannot read {path} ({exc}); delete or re-run that run") from None
-        rows.append(dict(teacher=summary.get('teacher'), student=summary['student'], method=method_name(summary),
+        resolved_path = os.path.join(os.path.dirname(path), 'resolved.yaml')
+        resolved = yaml.safe_load(open(resolved_path)) if os.path.isfile(resolved_path) else None
+        rows.append(dict(teacher=summary.get('teacher'), student=summary['student'],
+                         method=method_name(summary, resolved),
                          seed=summary.get('seed'), best=summary['best_top1'], last=summary['last_top1'],
                          run=os.path.dirname(path)))
     if not rows:

@@ -12,7 +12,7 @@ from distill import Distiller, load_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '**', '*.yaml'), recursive=True)
-                 if not os.path.basename(path).endswith('base.yaml'))
+                 if not os.path.basename(path).endswith('base.yaml') and os.path.basename(path) != 'paper.yaml')
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,3 +47,16 @@ def test_table_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(DistillError, match="cites source 'nope'"):
         from distill.table import load_paper
         load_paper(str(bad))
+
+
+def test_transfer_runs_are_labelled_by_their_settings(tmp_path, capsys):
+    import yaml
+    write_run(tmp_path, 'ft', None, 'cifar_resnet20', {'ce': 1.0}, 0, 68.0, 67.0)
+    (tmp_path / 'ft' / 'resolved.yaml').write_text(yaml.safe_dump({
+        'student': {'checkpoint': 'w.safetensors'}, 'transfer': {'freeze': 'partial', 'frozen_stages': 2,
+                                                                 'backbone_lr_scale': 0.1}}))
+    write_run(tmp_path, 'scratch', None, 'cifar_resnet20', {'ce': 1.0}, 0, 63.0, 62.0)
+    assert main(['table', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '| - -> cifar_resnet20 | student (pretrained, partial 2, backbone lr x0.1) | 1 | 68.00' in out
+    assert '| - -> cifar_resnet20 | student | 1 | 63.00' in out
