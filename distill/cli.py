@@ -1,4 +1,4 @@
-"""The ``distill`` command: train, eval, extract, probe, table, demo, models, methods. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, grid, table, eval, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
 import argparse
 import os
 import sys
@@ -94,6 +94,11 @@ def _probe(args: argparse.Namespace) -> None:
           f"{result['val_top1']:.2f} (train {result['train_top1']:.2f}) in {result['seconds']:.1f}s")
 
 
+def _grid(args: argparse.Namespace) -> None:
+    from .grid import run_grid
+    run_grid(args.grid, parallel=args.parallel, dry_run=args.dry_run)
+
+
 def _table(args: argparse.Namespace) -> None:
     from .table import table
     print(table(args.runs, args.paper))
@@ -173,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--weight-decay', type=float, default=1e-4)
     probe.add_argument('--max-iter', type=int, default=200)
     probe.set_defaults(func=_probe)
+    grid = sub.add_parser('grid', help='run recipes x seeds; skips finished runs, resumes interrupted ones')
+    grid.add_argument('grid', help='grid YAML: recipes, seeds, output_dir, overrides')
+    grid.add_argument('--parallel', type=int, default=1, help='runs at once (separate processes)')
+    grid.add_argument('--dry-run', action='store_true', help='only list each run and its state')
+    grid.set_defaults(func=_grid)
     tab = sub.add_parser('table', help='markdown table of finished runs (mean +- std over seeds) vs the paper')
     tab.add_argument('runs', help='directory holding run directories (searched recursively for summary.json)')
     tab.add_argument('--paper', help='published numbers, e.g. experiments/cifar100/paper.yaml')

@@ -12,7 +12,8 @@ from distill import Distiller, load_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '**', '*.yaml'), recursive=True)
-                 if not os.path.basename(path).endswith('base.yaml') and os.path.basename(path) != 'paper.yaml')
+                 if not os.path.basename(path).endswith('base.yaml') and os.path.basename(path) != 'paper.yaml'
+                 and not os.path.basename(path).startswith('grid'))
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,3 +37,11 @@ def test_recipe_builds_its_models_and_losses(path):
     distiller = Distiller(teacher, student, cfg.losses, input_size=(3, cfg.data.image_size, cfg.data.image_size),
                           train_targets=torch.arange(1000) % num_classes)
     assert set(distiller.loss_terms) == set(cfg.losses)
+
+
+def test_the_committed_grid_plans_every_method_recipe():
+    from distill.grid import plan
+    runs = plan(os.path.join(REPO, 'experiments', 'cifar100', 'grid_resnet32x4-resnet8x4.yaml'))
+    names = {os.path.basename(run_dir) for _, _, run_dir in runs}
+    assert len(runs) == 3 * 23 and 'resnet32x4-resnet8x4-crd-kd-seed2' in names
+    assert not any('teacher' in name for name in names)
