@@ -214,11 +214,13 @@ def test_init_from_through_the_trainer_logs_the_report(tmp_path):
 
 
 def test_extract_then_probe_matches_a_linear_probe_run_through_the_trainer(tmp_path, capsys):
-    """A digits backbone, frozen: stored-feature probing (L-BFGS on pooled features) reaches the accuracy of a
-    linear-probe run through the trainer (new head, backbone frozen, no augmentation) within 2 points."""
+    """A trained digits backbone, frozen: stored-feature probing (L-BFGS on pooled features) reaches the accuracy
+    of a linear-probe run through the trainer (new head, backbone frozen, no augmentation) within 2 points.
+    The backbone trains 8 epochs: on a barely trained one (3 epochs) the two probes' regularisation differs enough
+    to split them by ~3 points."""
     from distill.cli import main
     from distill.probe import load_features
-    Trainer(from_dict(digits_config(tmp_path, 'backbone', epochs=3)), quiet=True).fit()
+    Trainer(from_dict(digits_config(tmp_path, 'backbone', epochs=8)), quiet=True).fit()
     weights = str(tmp_path / 'backbone' / 'student_last.safetensors')
     for out in ('f.safetensors', 'f.npz'):
         assert main(['extract', '--model', 'cifar_resnet8', '--checkpoint', weights, '--data', 'digits',
@@ -234,7 +236,7 @@ def test_extract_then_probe_matches_a_linear_probe_run_through_the_trainer(tmp_p
                         data={'augment': 'none'}, optimizer={'lr': 0.2},
                         transfer={'new_head': True, 'freeze': 'linear_probe'})
     trainer_top1 = Trainer(from_dict(cfg), quiet=True).fit()['last_top1']
-    assert probe_top1 > 80 and abs(probe_top1 - trainer_top1) <= 2.0, (probe_top1, trainer_top1)
+    assert probe_top1 > 90 and abs(probe_top1 - trainer_top1) <= 2.0, (probe_top1, trainer_top1)
     assert main(['probe', str(tmp_path / 'missing.safetensors')]) == 2
     assert 'features file not found' in capsys.readouterr().err
 
