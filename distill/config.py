@@ -49,6 +49,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     filter_bias_and_bn: bool = False  # CRD decays every parameter
+    fused: Optional[bool] = None  # fused optimizer kernels; None: on CUDA for sgd/momentum/adam/adamw
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +75,10 @@ class TrainerConfig:
     run_name: Optional[str] = None  # default: the recipe's file name
     progress: bool = True  # tqdm bars (shown only on a terminal)
     eval_every: int = 1  # validate every N epochs (and after the last one)
+    channels_last: Optional[bool] = None  # NHWC models and inputs; None: on CUDA (faster convolutions), not on CPU
+    compile: bool = False  # torch.compile student and teacher (falls back to eager, logged, if it fails)
+    check_finite_every: Optional[int] = None  # steps between host checks for a non-finite loss; None: 1 on CPU,
+    # 50 on CUDA (the check is on the device every step; the host looks only this often, so steps never sync)
 
 
 @dataclass
@@ -100,6 +105,14 @@ class TeacherFinetuneConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """Teacher logits stored per (training image, augmentation view), reused by later runs and seeds."""
+    enabled: bool = False
+    dir: Optional[str] = None  # default: $DISTILL_CACHE/teacher_logits (~/.cache/distill/teacher_logits)
+    dtype: str = 'float16'  # float16 (half the memory) | float32 (equal to the live teacher's fp32 logits)
+
+
+@dataclass
 class WandbConfig:
     mode: str = 'disabled'  # online | offline | disabled
     project: str = 'distill'
@@ -119,6 +132,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     teacher_finetune: Optional[TeacherFinetuneConfig] = None  # set: fine-tune the teacher first (two stages)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -128,8 +142,10 @@ CHOICES = {
     'trainer.precision': ('fp32', 'bf16', 'fp16'),
     'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
+    'teacher_cache.dtype': ('float16', 'float32'),
 }
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
+            'trainer.check_finite_every',
             'optimizer.lr', 'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
             'transfer.backbone_lr_scale', 'transfer.layer_decay')
 

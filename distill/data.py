@@ -9,7 +9,7 @@ data order and augmentation of a resumed run equal those of an uninterrupted one
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -164,30 +164,63 @@ def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
     return ImageSplit(images, split.labels[keep], split.classes)
 
 
-def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop (zero padding, as torchvision's RandomCrop(padding=p)) and horizontal flip."""
-    n, _, h, w = images.shape
+def view_count(augment: str, padding: int) -> int:
+    """How many distinct training views an image has: (2p+1)^2 crop offsets, times 2 with flipping."""
+    if augment == 'none':
+        return 1
+    return (2 * padding + 1) ** 2 * (2 if augment == 'crop_flip' else 1)
+
+
+def draw_views(n: int, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Each sample's view id ``(top * (2p+1) + left) * 2 + flipped``, drawn as torchvision's RandomCrop(padding=p)
+    and RandomHorizontalFlip would: top and left offsets uniform in [0, 2p], a flip with probability 1/2."""
+    top = left = torch.zeros(n, dtype=torch.int64)
     if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))
         top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (top[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
-        cols = (left[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
-        images = padded[torch.arange(n)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None],
-                        rows, cols]
-    if flip:
-        flipped = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
-    return images
+    flipped = (torch.rand(n, generator=generator) < 0.5).long() if flip else torch.zeros(n, dtype=torch.int64)
+    return (top * (2 * padding + 1) + left) * 2 + flipped
+
+
+def apply_views(images: torch.Tensor, views: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crop (zero padding ``padding``) and flip each image of a batch as its view id says, on the images' device."""
+    n, channels, h, w = images.shape
+    views = views.to(images.device)
+    flipped, offset = views % 2, views // 2
+    if padding > 0:
+        top, left = offset // (2 * padding + 1), offset % (2 * padding + 1)
+        padded = F.pad(images, (padding, padding, padding, padding))
+        arange = lambda k: torch.arange(k, device=images.device)  # noqa: E731
+        rows = (top[:, None] + arange(h))[:, None, :, None]  # (n, 1, h, 1)
+        cols = (left[:, None] + arange(w))[:, None, None, :]  # (n, 1, 1, w)
+        images = padded[arange(n)[:, None, None, None], arange(channels)[None, :, None, None], rows, cols]
+    return torch.where(flipped.bool()[:, None, None, None], images.flip(-1), images)
+
+
+def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (zero padding, as torchvision's RandomCrop(padding=p)) and horizontal flip."""
+    return apply_views(images, draw_views(len(images), padding, flip, generator), padding)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # normalised float images on the loader's device
+    labels: torch.Tensor
+    indices: torch.Tensor  # positions in the split (CRD's memory bank, the teacher cache)
+    views: torch.Tensor  # each image's augmentation view id (see draw_views); 0 without augmentation
+    strong: Optional[torch.Tensor] = None  # a strongly augmented view (methods such as MLKD)
+    loss_scale: float = 1.0  # world * local / global batch size: makes DDP's gradient mean the global batch mean
 
 
 class BatchLoader:
-    """Yields ``(images, labels, indices)`` batches from an in-memory split.
+    """Yields ``Batch`` es from an in-memory split held as uint8 on one device (``to(device)``: the training
+    device, so crops, flips and normalisation run batched there, with no DataLoader workers).
 
-    Training loaders shuffle and augment with ``generator`` (one permutation per epoch, then the augmentation
-    draws of each batch in order); evaluation loaders keep the order and do not augment. With ``strong_view``
-    set (by the trainer, for methods such as MLKD) a training batch also carries a second, strongly augmented
-    view of the same images: ``(images, labels, indices, strong_images)``.
+    Training loaders shuffle and augment with ``generator`` (a CPU generator: one permutation per epoch, then the
+    augmentation draws of each batch in order), so a run's data equal on every device and after a resume;
+    evaluation loaders keep the order and do not augment. With ``strong_view`` set (by the trainer, for methods
+    such as MLKD) a training batch also carries a RandAugment view of the same images. Under ``torch.distributed``
+    (``shard(rank, world)``) every rank draws the global batch and keeps its own contiguous part of it, so the
+    global batch, its augmentation and its order equal those of a single process.
     """
     strong_view: bool = False
 
@@ -198,27 +231,59 @@ class BatchLoader:
         self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
         self.augment, self.padding = augment, padding
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.rank, self.world_size = 0, 1
+        self.num_views = view_count(augment, padding) if train else 1
+
+    def to(self, device: torch.device) -> 'BatchLoader':
+        split = self.split
+        self.split = ImageSplit(split.images.to(device), split.labels.to(device), split.classes)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def shard(self, rank: int, world_size: int) -> 'BatchLoader':
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def _global_batches(self) -> List[slice]:
+        n = len(self.split)
+        if not self.train and self.world_size > 1:  # evaluation: one contiguous part of the split per rank
+            part = torch.tensor_split(torch.arange(n), self.world_size)[self.rank]
+            start, stop = (int(part[0]), int(part[-1]) + 1) if len(part) else (0, 0)
+            return [slice(s, min(s + self.batch_size, stop)) for s in range(start, stop, self.batch_size)]
+        batches = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        if self.train and batches and batches[-1].stop - batches[-1].start < self.world_size:
+            batches.pop()  # a last batch smaller than the world would leave a rank without samples
+        return batches
 
     def __len__(self) -> int:
-        return (len(self.split) + self.batch_size - 1) // self.batch_size
+        return len(self._global_batches())
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n = len(self.split)
+    def __iter__(self) -> Iterator[Batch]:
+        n, device = len(self.split), self.split.images.device
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            indices = order[start:start + self.batch_size]
-            raw = self.split.images[indices]
-            images = self._augment(raw)
-            if self.train and self.strong_view:
-                strong = rand_augment(self._augment(raw), self.generator)
-                yield self._normalize(images), self.split.labels[indices], indices, self._normalize(strong)
-            else:
-                yield self._normalize(images), self.split.labels[indices], indices
-
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
-        if self.train and self.augment != 'none':
-            return augment_batch(images, self.padding, self.augment == 'crop_flip', self.generator)
-        return images
+        augmenting = self.train and self.augment != 'none'
+        for batch in self._global_batches():
+            indices = order[batch]
+            views = draw_views(len(indices), self.padding, self.augment == 'crop_flip', self.generator) \
+                if augmenting else torch.zeros(len(indices), dtype=torch.int64)
+            strong = None
+            if self.train and self.strong_view:  # drawn for the global batch so every rank's draws stay aligned
+                raw = self.split.images[indices.to(device)].cpu()
+                weak = apply_views(raw, draw_views(len(raw), self.padding, self.augment == 'crop_flip',
+                                                   self.generator), self.padding) if augmenting else raw
+                strong = rand_augment(weak, self.generator)
+            loss_scale = 1.0
+            if self.train and self.world_size > 1:
+                local = torch.tensor_split(torch.arange(len(indices)), self.world_size)[self.rank]
+                loss_scale = self.world_size * len(local) / len(indices)
+                indices, views = indices[local], views[local]
+                strong = strong[local] if strong is not None else None
+            indices = indices.to(device)
+            images = self.split.images[indices]
+            if augmenting:
+                images = apply_views(images, views, self.padding)
+            yield Batch(self._normalize(images), self.split.labels[indices], indices, views.to(device),
+                        self._normalize(strong.to(device)) if strong is not None else None, loss_scale)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255.0 - self.mean) / self.std

@@ -60,6 +60,7 @@ class Distiller(nn.Module):
                                f"teacher.checkpoint) or drop them to train the student alone")
         self.teacher = teacher
         self.freezer = None  # a transfer.StageFreezer when the student is partly frozen (set by the trainer)
+        self.teacher_cache = None  # a teacher_cache.TeacherCache: teacher logits looked up by (index, view)
         self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
         self.needs_strong_view = any(STRONG_VIEW in self.loss_terms[name].needs for name in self.main_terms)
         if teacher is not None:
@@ -96,18 +97,37 @@ class Distiller(nn.Module):
             self.freezer.set_eval_modes()
         return self
 
+    def teacher_cache_blocker(self) -> Optional[str]:
+        """Why teacher logits looked up by (image, view) would not give these terms what a live teacher gives,
+        or None when a cache is exact."""
+        if not self.uses_teacher:
+            return "no loss term uses the teacher"
+        feature_terms = [name for name, term in self.loss_terms.items() if term.teacher_layers]
+        if feature_terms:
+            return f"loss terms {feature_terms} read teacher features, and the cache holds logits only"
+        if self.needs_strong_view:
+            return "a RandAugment view (MLKD) has no finite set of views to cache"
+        return None
+
     def trainable_modules(self) -> nn.ModuleDict:
         """The modules the optimizer updates and checkpoints save: the student and the loss terms' own
         parameters (adapters), never the teacher."""
         return nn.ModuleDict({'student': self.student, 'loss_terms': self.loss_terms})
 
     def _step_outputs(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor],
-                      epoch: int, run_teacher: bool) -> StepOutputs:
-        """One teacher forward (no grad) and one student forward, with every tap any term asked for."""
+                      epoch: int, run_teacher: bool, views: Optional[torch.Tensor] = None) -> StepOutputs:
+        """One teacher forward (no grad; a cache lookup where a teacher cache is set) and one student forward,
+        with every tap any term asked for."""
         teacher_logits, teacher_features = None, []
         if run_teacher:
             with torch.no_grad():
-                teacher_logits, teacher_features = self.teacher_extractor(images)
+                if self.teacher_cache is not None:
+                    if indices is None or views is None:
+                        raise DistillError("a teacher cache looks logits up by sample index and view: pass "
+                                           "indices= and views= (distill.Trainer does)")
+                    teacher_logits = self.teacher_cache.lookup(indices, views, images, self.teacher)
+                else:
+                    teacher_logits, teacher_features = self.teacher_extractor(images)
         student_logits, student_features = self.student_extractor(images)
         return StepOutputs(
             student_logits=student_logits, targets=targets, teacher_logits=teacher_logits, indices=indices,
@@ -115,8 +135,9 @@ class Distiller(nn.Module):
             teacher_features=dict(zip(self.teacher_extractor.keys, teacher_features)) if teacher_features else {})
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                epoch: int = 0, strong_images: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-        step = self._step_outputs(images, targets, indices, epoch, self.uses_teacher)
+                epoch: int = 0, strong_images: Optional[torch.Tensor] = None,
+                views: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        step = self._step_outputs(images, targets, indices, epoch, self.uses_teacher, views)
         if self.needs_strong_view:
             if strong_images is None:
                 raise DistillError("a loss term needs a strongly augmented view of each batch; train through "
@@ -145,3 +166,16 @@ class Distiller(nn.Module):
 
 def _unique(items) -> List[Any]:
     return list(dict.fromkeys(items))
+
+
+class TrainableParts(nn.Module):
+    """The student and the loss terms' modules as one module whose forward is the Distiller's: what DDP wraps,
+    so it never holds (or broadcasts the buffers of) the frozen teacher."""
+
+    def __init__(self, distiller: Distiller):
+        super().__init__()
+        self.student, self.loss_terms = distiller.student, distiller.loss_terms
+        object.__setattr__(self, 'distiller', distiller)  # a plain reference: not a submodule
+
+    def forward(self, *args, **kwargs) -> Dict[str, Any]:
+        return self.distiller(*args, **kwargs)

@@ -42,8 +42,9 @@ def extract_features(model: nn.Module, loader: BatchLoader, device: torch.device
     model.eval().to(device)
     extractor = FeatureExtractor(model, [PRE_LOGITS] + ([layer] if layer is not None else []))
     pooled, tapped, labels = [], [], []
-    for images, targets, _ in loader:
-        _, features = extractor(images.to(device))
+    for batch in loader:
+        targets = batch.labels
+        _, features = extractor(batch.images.to(device))
         pooled.append(features[0].float().flatten(1).cpu())
         if layer is not None:
             tapped.append(_pool(features[1]).float().cpu())

@@ -68,3 +68,20 @@ class RunLogger:
             self.wandb_run.finish(exit_code=0 if summary is not None else 1)
             self.wandb_run = None
         self.log_file.close()
+
+
+class NullLogger:
+    """The logger of ranks other than 0 under torch.distributed: rank 0 alone prints and writes files."""
+    wandb_id = None
+
+    def info(self, message: str) -> None:
+        pass
+
+    def rewrite_history(self, history: List[Dict[str, Any]]) -> None:
+        pass
+
+    def log_epoch(self, record: Dict[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: Optional[Dict[str, Any]] = None) -> None:
+        pass

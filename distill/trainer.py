@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -19,30 +19,36 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import Config, ModelConfig, TransferConfig, save_config, to_dict
-from .data import BatchLoader, build_data
-from .distiller import Distiller
+from .data import Batch, BatchLoader, build_data, cache_dir
+from .distiller import Distiller, TrainableParts
+from .distributed import DistributedContext, init_distributed
 from .errors import DistillError
 from .losses.base import nearest
 from .models import load_backbone_weights, load_state_dict_file, load_weights
 from .transfer import (StageFreezer, apply_lr_scales, param_groups, replace_head, transfer_parameters,
                        uses_transfer)
-from .run_logger import RunLogger
+from .run_logger import NullLogger, RunLogger
+from .teacher_cache import TeacherCache, cache_key
 
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
-                     'data.eval_batch_size', 'wandb.')
+                     'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir')
+FUSED_OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw')  # timm names of torch optimizers with fused kernels
 SCHEDULERS = ('multistep', 'step', 'cosine', 'tanh', 'poly', 'constant', 'wsd', 'rsqrt', 'none')
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """The training device; under torchrun (``local_rank`` given) a CUDA run uses the rank's own GPU."""
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DistillError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise DistillError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
+    if device.type == 'cuda' and local_rank is not None:
+        device = torch.device('cuda', local_rank)
     return device
 
 
@@ -93,27 +99,54 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             context: DistributedContext = DistributedContext(),
+             memory_format: Optional[torch.memory_format] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader`` (under torch.distributed:
+    each rank's part of the split, summed over ranks)."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count = 0
-    for images, labels, _ in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, loss sum, count
+    for batch in loader:
+        images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
+        if memory_format is not None:
+            images = images.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 = correct1 + hits[:, 0].sum()
-        correct5 = correct5 + hits.any(dim=1).sum()
-        loss_sum = loss_sum + nn.functional.cross_entropy(logits, labels, reduction='sum')
-        count += len(labels)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               nn.functional.cross_entropy(logits, labels, reduction='sum'),
+                               torch.tensor(len(labels), device=device)]).double()
     model.train(was_training)
-    return {'top1': 100.0 * correct1.item() / count, 'top5': 100.0 * correct5.item() / count,
-            'loss': loss_sum.item() / count}
+    correct1, correct5, loss_sum, count = context.all_sum(totals).tolist()
+    return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count, 'loss': loss_sum / count}
+
+
+class FiniteGuard:
+    """Watches each step's loss terms on the device and looks at them from the host only every ``every`` steps,
+    so steps do not wait for the device; the first non-finite step is remembered with its term values."""
+
+    def __init__(self, every: int, device: torch.device):
+        self.every, self.device = every, device
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.values: Optional[torch.Tensor] = None
+        self.names: List[str] = []
+
+    def observe(self, out: Dict[str, Any], step: int) -> Optional[Tuple[int, Dict[str, float]]]:
+        self.names = ['loss'] + list(out['terms'])
+        values = torch.stack([out['loss'].detach().float()] + [v.float() for v in out['terms'].values()])
+        newly_bad = ~torch.isfinite(values).all() & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.values = values if self.values is None else torch.where(newly_bad, values, self.values)
+        return self.check() if (step + 1) % self.every == 0 else None
+
+    def check(self) -> Optional[Tuple[int, Dict[str, float]]]:
+        """(step, term values) of the first non-finite step seen, or None."""
+        step = int(self.first_bad)
+        if step < 0:
+            return None
+        return step, dict(zip(self.names, self.values.tolist()))
 
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
@@ -134,7 +167,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, 'checkpoints')
         self.last_path = os.path.join(self.ckpt_dir, 'last.pt')
         self.best_path = os.path.join(self.ckpt_dir, 'best.pt')
-        self.device = resolve_device(cfg.trainer.device)
+        self.dist = init_distributed(resolve_device(cfg.trainer.device).type)
+        self.device = resolve_device(cfg.trainer.device, self.dist.local_rank if self.dist.enabled else None)
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
         checkpoint = self._resume_checkpoint() if resume else None
         if not resume and os.path.exists(self.last_path):
@@ -154,12 +188,23 @@ class Trainer:
         self.distiller = Distiller(teacher, student, cfg.losses,
                                    input_size=(3, cfg.data.image_size, cfg.data.image_size),
                                    train_targets=self.data.train.split.labels).to(self.device)
+        self.data.train.to(self.device).shard(self.dist.rank, self.dist.world_size)
+        self.data.val.to(self.device).shard(self.dist.rank, self.dist.world_size)
+        channels_last = cfg.trainer.channels_last if cfg.trainer.channels_last is not None else \
+            self.device.type == 'cuda'
+        self.memory_format = torch.channels_last if channels_last else None
+        if self.memory_format is not None:
+            self.distiller.to(memory_format=self.memory_format)
+        self.teacher_cache = self._open_teacher_cache() if cfg.teacher_cache.enabled else None
+        self.distiller.teacher_cache = self.teacher_cache
         self.freezer = StageFreezer(student, cfg.transfer) if uses_transfer(cfg.transfer) else None
         if self.freezer is not None:
             self.freezer.apply(0)
             self.distiller.freezer = self.freezer
         self.data.train.strong_view = self.distiller.needs_strong_view
         self.trainable = self.distiller.trainable_modules()
+        self.model = self._wrap_distributed()  # what a training step calls: the Distiller, or DDP around its
+        self.compiled = cfg.trainer.compile and self._compile()  # trainable parts
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)
         self.scheduler = self._create_scheduler()
@@ -169,10 +214,13 @@ class Trainer:
 
         self.start_epoch, self.num_updates, self.history = 0, 0, []
         self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
-        os.makedirs(self.ckpt_dir, exist_ok=True)
-        save_config(cfg, os.path.join(self.run_dir, 'resolved.yaml'))
-        self.logger = RunLogger(self.run_dir, cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run',
-                                wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
+        if self.dist.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, 'resolved.yaml'))
+            self.logger = RunLogger(self.run_dir, cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run',
+                                    wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
+        else:
+            self.logger = NullLogger()
         if checkpoint is not None:
             self._restore(checkpoint)
         else:  # a fresh start in a directory whose first epoch never finished
@@ -205,14 +253,68 @@ class Trainer:
             raise DistillError(f"transfer.init_from {transfer.init_from}: no tensor fits {self.cfg.student.name} "
                                f"(names or shapes differ everywhere); map prefixes with transfer.init_map")
 
+    def _open_teacher_cache(self) -> TeacherCache:
+        """The logits table for this teacher, training split, augmentation, normalisation and precision."""
+        blocker = self.distiller.teacher_cache_blocker()
+        if blocker:
+            raise DistillError(f"teacher_cache.enabled=true cannot be exact here: {blocker}; set "
+                               f"teacher_cache.enabled=false")
+        cfg, loader = self.cfg, self.data.train
+        settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'padding': loader.padding,
+                    'mean': loader.mean.flatten().tolist(), 'std': loader.std.flatten().tolist(),
+                    'precision': cfg.trainer.precision, 'dtype': cfg.teacher_cache.dtype,
+                    'channels_last': self.memory_format is not None, 'version': 1}
+        key = cache_key(self.distiller.teacher, loader.split.images, loader.split.labels, settings)
+        root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_logits'))
+        cache = TeacherCache(os.path.join(root, key), len(loader.split), loader.num_views, self.data.num_classes,
+                             cfg.teacher_cache.dtype, self.device,
+                             meta={**settings, 'data': cfg.data.name, 'root': cfg.data.root,
+                                   'teacher_checkpoint': cfg.teacher.checkpoint})
+        self.model_notes.append(f"teacher cache {cache.folder}: {len(loader.split)} images x {loader.num_views} "
+                                f"views, {100 * cache.fill_ratio:.1f}% filled")
+        return cache
+
+    def _wrap_distributed(self) -> nn.Module:
+        """DDP around the student and the loss terms' modules only (never the frozen teacher)."""
+        if not self.dist.enabled:
+            return self.distiller
+        local = [name for name, term in self.distiller.loss_terms.items() if not term.distributed]
+        if local:
+            raise DistillError(f"loss terms {local} keep per-sample state that torch.distributed ranks would not "
+                               f"share; train them in one process (without torchrun)")
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(TrainableParts(self.distiller),
+                                       device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+    def _compile(self) -> bool:
+        """``torch.compile`` the student and teacher in place (state_dict keys unchanged); a failure shows at
+        the first step, which then falls back to eager (see ``_update``)."""
+        for model in (self.distiller.student, self.distiller.teacher):
+            if model is not None:
+                model.compile()
+        return True
+
+    def _uncompile(self, exc: Exception) -> None:
+        for model in (self.distiller.student, self.distiller.teacher):
+            if model is not None:
+                model._compiled_call_impl = None
+        self.compiled = False
+        self.logger.info(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                         f"training eagerly")
+
     def _create_optimizer(self) -> torch.optim.Optimizer:
         opt = self.cfg.optimizer
         params = self.trainable if self.freezer is None else \
             param_groups(self.distiller.student, [self.distiller.loss_terms], opt, self.cfg.transfer)
+        kwargs = dict(opt.kwargs)
+        fused = opt.fused if opt.fused is not None else \
+            self.device.type == 'cuda' and opt.name.lower() in FUSED_OPTIMIZERS
+        if fused:
+            kwargs['fused'] = True
         try:
             return create_optimizer_v2(params, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
                                        momentum=opt.momentum, filter_bias_and_bn=opt.filter_bias_and_bn,
-                                       **opt.kwargs)
+                                       **kwargs)
         except (ValueError, TypeError) as exc:
             if opt.name not in list_optimizers():
                 raise DistillError(f"unknown optimizer.name '{opt.name}'{nearest(opt.name, list_optimizers())}; "
@@ -244,7 +346,7 @@ class Trainer:
             'best_top1': self.best_top1, 'best_epoch': self.best_epoch, 'history': self.history,
             'teacher_metrics': self.teacher_metrics,
             'rng': rng_state(), 'data_generator': self.data.train.generator.get_state(),
-            'normalization': {'mean': self.data.train.mean.flatten(), 'std': self.data.train.std.flatten()},
+            'normalization': {'mean': self.data.train.mean.flatten().cpu(), 'std': self.data.train.std.flatten().cpu()},
             'config': to_dict(self.cfg), 'wandb_id': self.logger.wandb_id,
         }
 
@@ -264,24 +366,45 @@ class Trainer:
         self.logger.info(f"resumed {self.run_dir} after epoch {self.start_epoch}")
 
     # --- training --------------------------------------------------------------------------------------
-    def _stop_on_nonfinite(self, out: Dict[str, Any], epoch: int, step: int) -> None:
-        terms = ', '.join(f"{name}={value.item():.4g}" for name, value in out['terms'].items())
-        bad = [name for name, value in out['terms'].items() if not torch.isfinite(value)]
+    def _stop_if_nonfinite(self, found: Optional[Tuple[int, Dict[str, float]]], epoch: int) -> None:
+        if found is None:
+            return
+        step, values = found
+        loss = values.pop('loss')
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        terms = ', '.join(f"{name}={value:.4g}" for name, value in values.items())
         kept = f"last good checkpoint {self.last_path} is kept" if os.path.exists(self.last_path) else \
             "no checkpoint was written yet"
-        raise DistillError(f"loss became {out['loss'].item()} at epoch {epoch + 1}, step {step + 1} (loss term "
+        raise DistillError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1} (loss term "
                            f"{', '.join(repr(b) for b in bad) or '?'}; {terms}); training stopped and {kept}; "
                            f"lower optimizer.lr, check the data, or use trainer.precision=fp32")
 
-    def _update(self, forward, optimizer, scaler, parameters, inputs, epoch: int, step: int) -> Dict[str, Any]:
-        """One optimisation step: forward under autocast, stop on a non-finite loss, scaled backward, clip, step."""
-        device = self.device
-        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = forward(*inputs)
-        if not torch.isfinite(out['loss']):
-            self._stop_on_nonfinite(out, epoch, step)
+    def _forward(self, forward, inputs) -> Dict[str, Any]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            return forward(*inputs)
+
+    def _update(self, forward, optimizer, scaler, parameters, inputs, loss_scale: float = 1.0,
+                reduce_grads: bool = False) -> Dict[str, Any]:
+        """One optimisation step: forward under autocast, scaled backward, clip, step. ``loss_scale`` weights a
+        rank's part of a global batch; ``reduce_grads`` averages gradients over ranks where DDP does not."""
+        if self.compiled and self.num_updates == 0:
+            try:
+                out = self._forward(forward, inputs)
+            except Exception as exc:  # noqa: BLE001 (any compiler failure: fall back, never lose the run)
+                if isinstance(exc, DistillError):
+                    raise
+                self._uncompile(exc)
+                out = self._forward(forward, inputs)
+        else:
+            out = self._forward(forward, inputs)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out['loss']).backward()
+        scaler.scale(out['loss'] * loss_scale if loss_scale != 1.0 else out['loss']).backward()
+        if reduce_grads and self.dist.enabled:
+            for p in parameters:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.dist.world_size)
         if self.cfg.trainer.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(parameters, self.cfg.trainer.grad_clip)
@@ -315,43 +438,62 @@ class Trainer:
             distiller.eval()
             for module in trained:
                 module.train()
-            total, count = 0.0, 0
-            for step, (images, labels, indices, *_) in enumerate(self.data.train):
-                images, labels = images.to(self.device), labels.to(self.device)
+            guard = FiniteGuard(1, self.device)
+            totals = torch.zeros(2, device=self.device)  # loss sum, count
+            for step, batch in enumerate(self.data.train):
                 out = self._update(distiller.pre_stage_forward, optimizer, scaler, params,
-                                   (images, labels, indices.to(self.device), epoch), epoch, step)
-                total, count = total + out['loss'].detach() * len(labels), count + len(labels)
+                                   (self._images(batch.images), batch.labels, batch.indices, epoch),
+                                   batch.loss_scale, reduce_grads=True)
+                self._stop_if_nonfinite(guard.observe(out, step), epoch)
+                totals += torch.stack([out['loss'].detach().float() * len(batch.labels),
+                                       torch.tensor(float(len(batch.labels)), device=self.device)])
+            total, count = self.dist.all_sum(totals).tolist()
             self.logger.info(f"pre-stage epoch {epoch + 1}/{epochs} ({', '.join(distiller.pre_stage_terms(epoch))}) "
-                             f"loss {(total / count).item():.4f}")
+                             f"loss {total / count:.4f}")
         for p in frozen:
             p.requires_grad_(False)
 
+    def _images(self, images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if images is None or self.memory_format is None:
+            return images
+        return images.contiguous(memory_format=self.memory_format)
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+        """One pass over the training split. Nothing in a step waits for the device: metrics add up on it and
+        the host looks at the loss only every ``check_finite_every`` steps."""
         self.distiller.train()
-        device = self.device
-        sums: Dict[str, torch.Tensor] = {}
-        correct, count = torch.zeros((), device=device), 0
-        show = self.cfg.trainer.progress and sys.stderr.isatty()
+        device, parameters = self.device, list(self.trainable.parameters())
+        every = self.cfg.trainer.check_finite_every or (1 if device.type == 'cpu' else 50)
+        guard = FiniteGuard(every, device)
+        sums: Optional[torch.Tensor] = None  # loss, each term, top-1 hits, count (summed over samples)
+        show = self.cfg.trainer.progress and sys.stderr.isatty() and self.dist.is_main
         bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
-        for step, (images, labels, indices, *views) in enumerate(bar):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            strong = views[0].to(device, non_blocking=True) if views else None
-            out = self._update(self.distiller, self.optimizer, self.scaler, self.trainable.parameters(),
-                               (images, labels, indices.to(device), epoch, strong), epoch, step)
-            loss = out['loss']
+        for step, batch in enumerate(bar):
+            out = self._update(self.model, self.optimizer, self.scaler, parameters,
+                               (self._images(batch.images), batch.labels, batch.indices, epoch,
+                                self._images(batch.strong), batch.views), batch.loss_scale)
+            self._stop_if_nonfinite(guard.observe(out, step), epoch)
             self.num_updates += 1
             if self.scheduler:
                 self.scheduler.step_update(num_updates=self.num_updates)
-            batch = len(labels)
-            for name, value in [('loss', loss.detach())] + list(out['terms'].items()):
-                sums[name] = sums.get(name, 0.0) + value.float() * batch
-            correct += (out['logits'].detach().argmax(1) == labels).sum()
-            count += batch
+            size = len(batch.labels)
+            values = torch.stack([out['loss'].detach().float()] + [v.float() for v in out['terms'].values()])
+            step_sums = torch.cat([values * size, torch.stack([
+                (out['logits'].detach().argmax(1) == batch.labels).sum().float(),
+                torch.tensor(float(size), device=device)])])
+            sums = step_sums if sums is None else sums + step_sums
             if show and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = {f"train_{name}": (value / count).item() for name, value in sums.items()}
-        metrics['train_top1'] = 100.0 * correct.item() / count
+                bar.set_postfix(loss=f"{out['loss'].item():.3f}")
+        self._stop_if_nonfinite(guard.check(), epoch)
+        totals = self.dist.all_sum(sums).tolist()
+        count = totals[-1]
+        names = ['loss'] + list(self.distiller.main_terms)
+        metrics = {f"train_{name}": value / count for name, value in zip(names, totals)}
+        metrics['train_top1'] = 100.0 * totals[-2] / count
+        if self.teacher_cache is not None:
+            self.teacher_cache.flush()
+            metrics['teacher_cache_filled'] = self.teacher_cache.fill_ratio
         return metrics
 
     def fit(self) -> Dict[str, Any]:
@@ -359,7 +501,7 @@ class Trainer:
         completed = False
         try:
             if self.teacher_metrics is None and self.distiller.teacher is not None:
-                self.teacher_metrics = evaluate(self.distiller.teacher, self.data.val, self.device, self.amp_dtype)
+                self.teacher_metrics = self._evaluate(self.distiller.teacher)
                 logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
             self._describe()
             if self.start_epoch == 0:
@@ -376,7 +518,7 @@ class Trainer:
                 record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
                 evaluated = (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
                 if evaluated:
-                    val = evaluate(self.distiller.student, self.data.val, self.device, self.amp_dtype)
+                    val = self._evaluate(self.distiller.student)
                     record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'])
                 record['epoch_time'] = time.perf_counter() - started
                 if self.scheduler:
@@ -385,22 +527,28 @@ class Trainer:
                 if improved:
                     self.best_top1, self.best_epoch = record['val_top1'], epoch + 1
                 self.history.append(record)
-                state = self._state(epoch + 1)
-                atomic_save(state, self.last_path)
-                if improved:
-                    atomic_save(state, self.best_path)
+                if self.dist.is_main:
+                    state = self._state(epoch + 1)
+                    atomic_save(state, self.last_path)
+                    if improved:
+                        atomic_save(state, self.best_path)
+                self.dist.barrier()  # every rank sees the checkpoint before going on
                 logger.log_epoch(record)
                 val_text = f" val top-1 {record['val_top1']:.2f} top-5 {record['val_top5']:.2f}" if evaluated else ''
                 logger.info(f"epoch {epoch + 1}/{cfg.trainer.epochs} lr {lr:.4g} loss {record['train_loss']:.4f} "
                             f"train {record['train_top1']:.2f}{val_text} ({record['epoch_time']:.1f}s)")
             summary = self._summary()
-            self._export()
+            if self.dist.is_main:
+                self._export()
             completed = True
             logger.info(f"done: best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), last "
                         f"{summary['last_top1']:.2f}; run directory {self.run_dir}")
             return summary
         finally:
             logger.finish(self._summary() if completed else None)
+
+    def _evaluate(self, model: nn.Module) -> Dict[str, float]:
+        return evaluate(model, self.data.val, self.device, self.amp_dtype, self.dist, self.memory_format)
 
     def _describe(self) -> None:
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
@@ -409,7 +557,9 @@ class Trainer:
         self.logger.info(f"{teacher}student {self.cfg.student.name} ({count(self.distiller.student):,} params); "
                          f"losses {self.distiller.loss_weights}; {len(self.data.train.split)} train / "
                          f"{len(self.data.val.split)} val images, {self.data.num_classes} classes; device "
-                         f"{self.device}, {self.cfg.trainer.precision}")
+                         f"{self.device}{f' x {self.dist.world_size} processes' if self.dist.enabled else ''}, "
+                         f"{self.cfg.trainer.precision}{', channels_last' if self.memory_format else ''}"
+                         f"{', compiled' if self.compiled else ''}")
         for note in self.model_notes:
             self.logger.info(note)
         if self.freezer is not None:

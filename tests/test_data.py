@@ -40,12 +40,12 @@ def test_augment_batch_equals_torchvision_crop_and_flip_per_sample():
 
 def test_loader_order_is_seeded_and_normalised():
     cfg = DataConfig(name='digits', image_size=8, batch_size=100, augment='crop', crop_padding=1)
-    first = [labels for _, labels, _ in build_data(cfg, seed=1).train]
-    again = [labels for _, labels, _ in build_data(cfg, seed=1).train]
-    other = [labels for _, labels, _ in build_data(cfg, seed=2).train]
+    first = [batch.labels for batch in build_data(cfg, seed=1).train]
+    again = [batch.labels for batch in build_data(cfg, seed=1).train]
+    other = [batch.labels for batch in build_data(cfg, seed=2).train]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
-    images = torch.cat([x for x, _, _ in build_data(DataConfig(name='digits', image_size=8, augment='none'), 0).train])
+    images = torch.cat([batch.images for batch in build_data(DataConfig(name='digits', image_size=8, augment='none'), 0).train])
     assert images.mean().abs() < 1e-3 and (images.std() - 1).abs() < 1e-2  # train statistics by default
 
 

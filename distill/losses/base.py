@@ -62,6 +62,9 @@ class LossTerm(nn.Module):
     default_weight: float = 1.0  # the weight of the reference CIFAR-100 recipes
     needs: Tuple[str, ...] = ()  # what the engine provides beyond logits: features, adapters, epoch, indices, labels
     pairs: str = 'any'  # which teacher/student pairs it supports ('any' includes CNN <-> ViT)
+    # False where the term keeps per-sample state updated by each rank's batch (CRD's memory banks), which DDP
+    # would not keep equal across ranks.
+    distributed: bool = True
     student_layers: Sequence[Union[int, str]] = ()
     teacher_layers: Sequence[Union[int, str]] = ()
     # A pre-stage (RepDistiller's ``init`` for FSP, FT, AB) trains ``pre_stage_modules`` on ``pre_stage_loss``

@@ -92,6 +92,7 @@ class CRDLoss(LossTerm):
     default_weight = 0.8
     needs = ('features', 'adapters', 'indices', 'labels')
     requires_teacher = True
+    distributed = False  # each rank would update the memory banks with its own samples only
     student_layers = teacher_layers = (PRE_LOGITS,)
 
     def __init__(self, embed_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,
