@@ -172,21 +172,22 @@ def view_count(augment: str, padding: int) -> int:
 
 
 def draw_views(n: int, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Each sample's view id ``(top * (2p+1) + left) * 2 + flipped``, drawn as torchvision's RandomCrop(padding=p)
+    """Each sample's view id ``(top * (2p+1) + left) * 2 + flipped`` (without flipping: ``top * (2p+1) + left``),
+    drawn as torchvision's RandomCrop(padding=p)
     and RandomHorizontalFlip would: top and left offsets uniform in [0, 2p], a flip with probability 1/2."""
     top = left = torch.zeros(n, dtype=torch.int64)
     if padding > 0:
         top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     flipped = (torch.rand(n, generator=generator) < 0.5).long() if flip else torch.zeros(n, dtype=torch.int64)
-    return (top * (2 * padding + 1) + left) * 2 + flipped
+    return (top * (2 * padding + 1) + left) * (2 if flip else 1) + flipped
 
 
-def apply_views(images: torch.Tensor, views: torch.Tensor, padding: int) -> torch.Tensor:
+def apply_views(images: torch.Tensor, views: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
     """Crop (zero padding ``padding``) and flip each image of a batch as its view id says, on the images' device."""
     n, channels, h, w = images.shape
     views = views.to(images.device)
-    flipped, offset = views % 2, views // 2
+    flipped, offset = (views % 2, views // 2) if flip else (torch.zeros_like(views), views)
     if padding > 0:
         top, left = offset // (2 * padding + 1), offset % (2 * padding + 1)
         padded = F.pad(images, (padding, padding, padding, padding))
@@ -199,7 +200,7 @@ def apply_views(images: torch.Tensor, views: torch.Tensor, padding: int) -> torc
 
 def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random crop (zero padding, as torchvision's RandomCrop(padding=p)) and horizontal flip."""
-    return apply_views(images, draw_views(len(images), padding, flip, generator), padding)
+    return apply_views(images, draw_views(len(images), padding, flip, generator), padding, flip)
 
 
 class Batch(NamedTuple):
@@ -229,7 +230,7 @@ class BatchLoader:
                  generator: Optional[torch.Generator] = None):
         self.split, self.batch_size, self.train = split, batch_size, train
         self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-        self.augment, self.padding = augment, padding
+        self.augment, self.padding, self.flip = augment, padding, augment == 'crop_flip'
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.rank, self.world_size = 0, 1
         self.num_views = view_count(augment, padding) if train else 1
@@ -264,13 +265,13 @@ class BatchLoader:
         augmenting = self.train and self.augment != 'none'
         for batch in self._global_batches():
             indices = order[batch]
-            views = draw_views(len(indices), self.padding, self.augment == 'crop_flip', self.generator) \
+            views = draw_views(len(indices), self.padding, self.flip, self.generator) \
                 if augmenting else torch.zeros(len(indices), dtype=torch.int64)
             strong = None
             if self.train and self.strong_view:  # drawn for the global batch so every rank's draws stay aligned
                 raw = self.split.images[indices.to(device)].cpu()
-                weak = apply_views(raw, draw_views(len(raw), self.padding, self.augment == 'crop_flip',
-                                                   self.generator), self.padding) if augmenting else raw
+                weak = apply_views(raw, draw_views(len(raw), self.padding, self.flip, self.generator),
+                                   self.padding, self.flip) if augmenting else raw
                 strong = rand_augment(weak, self.generator)
             loss_scale = 1.0
             if self.train and self.world_size > 1:
@@ -281,7 +282,7 @@ class BatchLoader:
             indices = indices.to(device)
             images = self.split.images[indices]
             if augmenting:
-                images = apply_views(images, views, self.padding)
+                images = apply_views(images, views, self.padding, self.flip)
             yield Batch(self._normalize(images), self.split.labels[indices], indices, views.to(device),
                         self._normalize(strong.to(device)) if strong is not None else None, loss_scale)
 

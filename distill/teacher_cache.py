@@ -29,7 +29,7 @@ def _digest_tensors(digest: 'hashlib._Hash', tensors: Dict[str, torch.Tensor]) -
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def cache_key(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
