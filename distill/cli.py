@@ -9,8 +9,12 @@ from .errors import DistillError
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .distributed import shutdown_distributed
     from .pipeline import run
-    run(load_config(args.recipe, args.overrides), resume=args.resume, quiet=args.quiet)
+    try:
+        run(load_config(args.recipe, args.overrides), resume=args.resume, quiet=args.quiet)
+    finally:  # under torchrun: leave the process group cleanly
+        shutdown_distributed()
 
 
 def _eval(args: argparse.Namespace) -> None:
