@@ -29,3 +29,17 @@ def pair_arguments(description: str, steps: int) -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=steps)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return parser.parse_args()
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The baseline pipeline: what torchvision's CIFAR datasets do, a PIL image per item, then ``transform``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]

@@ -11,26 +11,13 @@ import os
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from common import PILImages
 from distill.config import DataConfig
 from distill.data import BatchLoader, ImageSplit, channel_stats, load_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class PILImages(Dataset):
-    """What torchvision's CIFAR datasets do: a PIL image per item, then the transforms."""
-
-    def __init__(self, split: ImageSplit, transform):
-        self.images, self.labels, self.transform = split.images.permute(0, 2, 3, 1).numpy(), split.labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        from PIL import Image
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
 def images_per_second(batches, device: torch.device, epochs: int) -> float:
@@ -71,8 +58,8 @@ def main() -> None:
     from torchvision import transforms
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                     transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist())])
-    torchvision_loader = DataLoader(PILImages(split, transform), batch_size=args.batch, shuffle=True,
-                                    num_workers=args.workers, pin_memory=device.type == 'cuda',
+    torchvision_loader = DataLoader(PILImages(split.images, split.labels, transform), batch_size=args.batch,
+                                    shuffle=True, num_workers=args.workers, pin_memory=device.type == 'cuda',
                                     persistent_workers=args.workers > 0)
     ours = BatchLoader(split, args.batch, mean, std, True, 'crop_flip', 4).to(device)
     rates = {

@@ -22,11 +22,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import timm
 import torch
 
 import distill
+from common import PILImages
 from distill.config import from_dict
 from distill.trainer import Trainer, evaluate
 
@@ -48,10 +48,10 @@ def distill_config(args, out_dir, run_name, **sections):
     return from_dict(cfg)
 
 
-def timed_distill(cfg):
+def timed_distill(cfg, student_init: str):
     """Train images/s over the epochs (training only, no evaluation) and the last top-1."""
     trainer = Trainer(cfg, quiet=True)
-    trainer.distiller.student.load_state_dict(torch.load(cfg_student_init(), weights_only=True))
+    trainer.distiller.student.load_state_dict(torch.load(student_init, weights_only=True))
     seconds = 0.0
     for epoch in range(cfg.trainer.epochs):
         started = time.perf_counter()
@@ -62,36 +62,17 @@ def timed_distill(cfg):
     return images / seconds, top1, trainer
 
 
-_INIT = {}
-
-
-def cfg_student_init():
-    return _INIT['path']
-
-
 def timed_torchdistill(args, teacher, student, split, val_split, mean, std, device):
-    from torch.utils.data import Dataset, RandomSampler, SequentialSampler
+    from torch.utils.data import RandomSampler, SequentialSampler
     from torchvision import transforms
     from torchdistill.core.distillation import get_distillation_box
-
-    class UInt8Images(Dataset):  # what torchvision's CIFAR datasets do: PIL image per item, then transforms
-        def __init__(self, images, labels, transform):
-            self.images = images.permute(0, 2, 3, 1).numpy()
-            self.labels, self.transform = labels.tolist(), transform
-
-        def __len__(self):
-            return len(self.labels)
-
-        def __getitem__(self, index):
-            from PIL import Image
-            return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
     normalize = transforms.Normalize(mean.tolist(), std.tolist())
     train_tf = transforms.Compose([transforms.RandomCrop(split.images.shape[-1], padding=4),
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
     val_tf = transforms.Compose([transforms.ToTensor(), normalize])
-    datasets = {'train': UInt8Images(split.images, split.labels, train_tf),
-                'val': UInt8Images(val_split.images, val_split.labels, val_tf)}
+    datasets = {'train': PILImages(split.images, split.labels, train_tf),
+                'val': PILImages(val_split.images, val_split.labels, val_tf)}
     loader = {'batch_size': 64, 'num_workers': args.workers, 'drop_last': False}
     train_config = {
         'num_epochs': args.epochs,
@@ -147,20 +128,20 @@ def main() -> None:
         teacher_top1 = Trainer(teacher_cfg, quiet=True).fit()['best_top1']
         teacher_file = os.path.join(out_dir, 'teacher', 'student_best.safetensors')
         torch.manual_seed(0)
-        _INIT['path'] = os.path.join(out_dir, 'student_init.pt')
-        torch.save(timm.create_model(args.student, num_classes=10).state_dict(), _INIT['path'])
+        init = os.path.join(out_dir, 'student_init.pt')
+        torch.save(timm.create_model(args.student, num_classes=10).state_dict(), init)
 
         kd = {'teacher': {'name': args.teacher, 'checkpoint': teacher_file}, 'losses': {'ce': 0.1, 'kd': 0.9}}
         cache = {'enabled': True, 'dir': os.path.join(out_dir, 'cache')}
-        live_rate, live_top1, trainer = timed_distill(distill_config(args, out_dir, 'live', **kd))
-        timed_distill(distill_config(args, out_dir, 'fill', **kd, teacher_cache=cache))  # a first seed fills it
+        live_rate, live_top1, trainer = timed_distill(distill_config(args, out_dir, 'live', **kd), init)
+        timed_distill(distill_config(args, out_dir, 'fill', **kd, teacher_cache=cache), init)  # an earlier run
         cached_rate, cached_top1, _ = timed_distill(distill_config(args, out_dir, 'cached', **kd,
-                                                                   teacher_cache=cache))
+                                                                   teacher_cache=cache), init)
 
         teacher = timm.create_model(args.teacher, num_classes=10)
         teacher.load_state_dict(trainer.distiller.teacher.state_dict())
         student = timm.create_model(args.student, num_classes=10)
-        student.load_state_dict(torch.load(_INIT['path'], weights_only=True))
+        student.load_state_dict(torch.load(init, weights_only=True))
         data = trainer.data
         td_rate, td_top1 = timed_torchdistill(args, teacher.to(device), student.to(device),
                                               _cpu(data.train.split), _cpu(data.val.split),
@@ -183,5 +164,4 @@ def _cpu(split):
 
 
 if __name__ == '__main__':
-    np.random.seed(0)
     main()

@@ -8,7 +8,6 @@ the paper's on the metric that source reports (CRD reports the last epoch, DKD t
 """
 import glob
 import json
-import math
 import os
 import statistics
 from typing import Any, Dict, List, Optional, Tuple

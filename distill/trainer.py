@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import Config, ModelConfig, TransferConfig, save_config, to_dict
-from .data import Batch, BatchLoader, build_data, cache_dir
+from .data import BatchLoader, build_data, cache_dir
 from .distiller import Distiller, TrainableParts
 from .distributed import DistributedContext, init_distributed
 from .errors import DistillError
