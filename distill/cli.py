@@ -105,7 +105,7 @@ def _grid(args: argparse.Namespace) -> None:
 
 def _table(args: argparse.Namespace) -> None:
     from .table import table
-    print(table(args.runs, args.paper))
+    print(table(args.runs, args.paper, args.plot))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     tab = sub.add_parser('table', help='markdown table of finished runs (mean +- std over seeds) vs the paper')
     tab.add_argument('runs', help='directory holding run directories (searched recursively for summary.json)')
     tab.add_argument('--paper', help='published numbers, e.g. experiments/cifar100/paper.yaml')
+    tab.add_argument('--plot', help='also draw accuracy per method as a PNG at this path')
     tab.set_defaults(func=_table)
     methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, needs, supported pairs')
     methods.set_defaults(func=_methods)

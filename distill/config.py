@@ -21,6 +21,9 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # local weights: .safetensors, state_dict, distill or RepDistiller checkpoint
     pretrained: bool = False  # timm hub weights (needs internet)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    # teacher only: the recipe that trains this model when no checkpoint (and no hub weights) is given; run first,
+    # or reused when finished (a path relative to the recipe file that names it)
+    recipe: Optional[str] = None
 
 
 @dataclass
@@ -32,7 +35,7 @@ class DataConfig:
     num_classes: Optional[int] = None  # if set, must equal the data's class count
     batch_size: int = 64
     eval_batch_size: int = 256
-    augment: str = 'crop_flip'  # crop_flip | crop | none
+    augment: str = 'crop_flip'  # crop_flip | crop | none | random_resized_crop (ImageNet; in_memory: false only)
     crop_padding: int = 4
     mean: Optional[List[float]] = None  # None: statistics of the training images
     std: Optional[List[float]] = None
@@ -40,6 +43,9 @@ class DataConfig:
     val_per_class: Optional[int] = None
     subset_seed: Optional[int] = None  # set: *_per_class picks a random subset (this seed) instead of the first N
     classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
+    in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
+    workers: int = 8  # streaming only: decoding processes
+    eval_crop_pct: float = 0.875  # streaming only: validation resize to image_size / eval_crop_pct, centre crop
 
 
 @dataclass
@@ -138,7 +144,7 @@ class Config:
 
 CHOICES = {
     'data.name': ('cifar10', 'cifar100', 'imagefolder', 'digits'),
-    'data.augment': ('crop_flip', 'crop', 'none'),
+    'data.augment': ('crop_flip', 'crop', 'none', 'random_resized_crop'),
     'trainer.precision': ('fp32', 'bf16', 'fp16'),
     'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
@@ -226,6 +232,16 @@ def _validate(cfg: Config) -> None:
                                "rebuilt with a plain timm head); remove it")
         if cfg.teacher_finetune.epochs <= 0:
             raise DistillError(f"teacher_finetune.epochs must be > 0, got {cfg.teacher_finetune.epochs}")
+    if not cfg.data.in_memory:
+        if cfg.data.name != 'imagefolder':
+            raise DistillError(f"data.in_memory=false streams ImageFolder trees; data.name is {cfg.data.name!r} "
+                               f"(set data.name=imagefolder, or data.in_memory=true)")
+        fixed = [key for key in ('train_per_class', 'val_per_class', 'classes') if getattr(cfg.data, key) is not None]
+        if fixed:
+            raise DistillError(f"data.{fixed[0]} needs the in-memory pipeline; drop it or set data.in_memory=true")
+    elif cfg.data.augment == 'random_resized_crop':
+        raise DistillError("data.augment=random_resized_crop is for streamed data (data.in_memory=false); in memory "
+                           "use crop_flip, crop or none")
     if not 0.0 <= cfg.transfer.head_dropout < 1.0:
         raise DistillError(f"transfer.head_dropout must be in [0, 1), got {cfg.transfer.head_dropout}")
 
@@ -250,6 +266,9 @@ def _read_yaml(path: str) -> Dict[str, Any]:
         raise DistillError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise DistillError(f"recipe {path} must be a mapping of config sections, got {type(data).__name__}")
+    teacher = data.get('teacher')
+    if isinstance(teacher, dict) and isinstance(teacher.get('recipe'), str):  # relative to the naming recipe
+        teacher['recipe'] = os.path.normpath(os.path.join(os.path.dirname(path), teacher['recipe']))
     base = data.pop('base', None)
     if base is None:
         return data

@@ -324,7 +324,30 @@ def normalization(cfg: DataConfig, train: Optional[ImageSplit]) -> Tuple[torch.T
     return channel_stats(train.images)
 
 
+def build_streaming_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Loaders that decode an ImageFolder tree from disk each epoch (``data.in_memory=false``), normalised with
+    the configured statistics or ImageNet's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from .streaming import StreamingLoader, streaming_split_dir
+    if (cfg.mean is None) != (cfg.std is None):
+        raise DistillError("set both data.mean and data.std, or neither (then ImageNet's statistics are used)")
+    mean = torch.tensor(cfg.mean if cfg.mean is not None else IMAGENET_DEFAULT_MEAN)
+    std = torch.tensor(cfg.std if cfg.std is not None else IMAGENET_DEFAULT_STD)
+    loaders = [StreamingLoader(streaming_split_dir(cfg.root, train), cfg.batch_size if train else cfg.eval_batch_size,
+                               mean, std, train, cfg.augment, cfg.image_size, cfg.crop_padding, cfg.workers,
+                               cfg.eval_crop_pct, torch.Generator().manual_seed(seed) if train else None)
+               for train in (True, False)]
+    train, val = loaders
+    if train.split.classes != val.split.classes:
+        raise DistillError(f"train and validation splits have different classes ({len(train.split.classes)} vs "
+                           f"{len(val.split.classes)}); make both hold the same class folders")
+    _check_classes(cfg, len(train.split.classes))
+    return DataBundle(train=train, val=val, num_classes=len(train.split.classes), classes=train.split.classes)
+
+
 def build_data(cfg: DataConfig, seed: int) -> DataBundle:
+    if not cfg.in_memory:
+        return build_streaming_data(cfg, seed)
     train, val = load_split(cfg, train=True), load_split(cfg, train=False)
     if train.classes != val.classes:
         raise DistillError(f"train and validation splits have different classes ({len(train.classes)} vs "

@@ -83,7 +83,11 @@ def run_grid(grid_path: str, parallel: int = 1, dry_run: bool = False) -> Dict[s
     def launch(job) -> int:
         recipe, overrides, resume = job
         command = [sys.executable, '-m', 'distill', 'train', recipe, *overrides, '--quiet'] + (['--resume'] * resume)
-        return subprocess.run(command).returncode
+        return subprocess.run(command, env=env).returncode
+
+    env = dict(os.environ)
+    if parallel > 1 and 'OMP_NUM_THREADS' not in env:  # parallel runs share the cores instead of oversubscribing
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         codes = list(pool.map(launch, todo))

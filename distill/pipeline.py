@@ -1,14 +1,19 @@
-"""Two-stage recipes: fine-tune the teacher on the recipe's data, then distill from it (``teacher_finetune``).
+"""Two-stage recipes: the teacher is trained first, then distilled from.
 
-Stage 1 is the recipe with the teacher as the model being trained (cross-entropy, the section's transfer
-settings, epochs and lr) in ``<run_name>-teacher``; stage 2 is the recipe itself with ``teacher.checkpoint`` set to
-stage 1's ``student_best.safetensors``. A finished stage 1 is reused (if its config still matches), an interrupted
-one resumes, and ``--resume`` applies to stage 2.
+- ``teacher_finetune``: stage 1 is the recipe with the teacher as the model being trained (cross-entropy, the
+  section's transfer settings, epochs and lr) in ``<run_name>-teacher``;
+- ``teacher.recipe`` without ``teacher.checkpoint``: stage 1 is that recipe (e.g. the pair's ``teacher.yaml``).
+
+Stage 2 is the recipe itself with ``teacher.checkpoint`` set to stage 1's ``student_best.safetensors``. A finished
+stage 1 is reused (if its config still matches), an interrupted one resumes, and ``--resume`` applies to stage 2.
+Stage 1 runs under a file lock, so the parallel runs of a grid that share a teacher train it once.
 """
+import contextlib
 import copy
+import fcntl
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 from .config import Config, ModelConfig, from_dict, load_config, to_dict
 from .errors import DistillError
@@ -37,21 +42,52 @@ def _run_dir(cfg: Config) -> str:
     return os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
 
 
+@contextlib.contextmanager
+def _locked(run_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock beside ``run_dir`` (other processes wait here)."""
+    os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
+    with open(os.path.abspath(run_dir) + '.lock', 'w') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_trained(cfg: Config, what: str, quiet: bool = False) -> str:
+    """Train ``cfg`` unless a finished run with the same config exists (an interrupted one resumes); returns its
+    ``student_best.safetensors``."""
+    run_dir = _run_dir(cfg)
+    with _locked(run_dir):
+        summary = os.path.join(run_dir, 'summary.json')
+        finished = os.path.isfile(summary) and json.load(open(summary)).get('epochs', 0) >= cfg.trainer.epochs
+        if finished:
+            changes = config_changes(to_dict(load_config(os.path.join(run_dir, 'resolved.yaml'))), to_dict(cfg))
+            if changes:
+                raise DistillError(f"{run_dir} holds a finished {what} with another config "
+                                   f"({'; '.join(changes[:3])}); delete it or change trainer.run_name")
+            if not quiet:
+                print(f"{what} already done: {run_dir}")
+        else:  # a first run, or one interrupted (or asked for more epochs): resume where it stopped
+            Trainer(cfg, resume=os.path.isfile(os.path.join(run_dir, 'checkpoints', 'last.pt')), quiet=quiet).fit()
+    return os.path.join(run_dir, 'student_best.safetensors')
+
+
 def run(cfg: Config, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
-    """Train ``cfg``; with ``teacher_finetune``, fine-tune its teacher first (or reuse that stage's result)."""
-    if cfg.teacher_finetune is None:
-        return Trainer(cfg, resume=resume, quiet=quiet).fit()
-    first, second = stage_configs(cfg)
-    run_dir = _run_dir(first)
-    summary = os.path.join(run_dir, 'summary.json')
-    finished = os.path.isfile(summary) and json.load(open(summary)).get('epochs', 0) >= first.trainer.epochs
-    if finished:
-        changes = config_changes(to_dict(load_config(os.path.join(run_dir, 'resolved.yaml'))), to_dict(first))
-        if changes:
-            raise DistillError(f"{run_dir} holds a finished teacher fine-tuning with another config "
-                               f"({'; '.join(changes[:3])}); delete it or change trainer.run_name")
-        if not quiet:
-            print(f"teacher fine-tuning already done: {run_dir}")
-    else:  # a first run, or one interrupted (or asked for more epochs): resume where it stopped
-        Trainer(first, resume=os.path.isfile(os.path.join(run_dir, 'checkpoints', 'last.pt')), quiet=quiet).fit()
-    return Trainer(second, resume=resume, quiet=quiet).fit()
+    """Train ``cfg``, after training its teacher where the recipe says so (or reusing that stage's result)."""
+    if cfg.teacher_finetune is not None:
+        first, second = stage_configs(cfg)
+        ensure_trained(first, 'teacher fine-tuning', quiet)
+        return Trainer(second, resume=resume, quiet=quiet).fit()
+    teacher = cfg.teacher
+    if teacher is not None and teacher.recipe and not teacher.checkpoint and not teacher.pretrained:
+        if not os.path.isfile(teacher.recipe):
+            raise DistillError(f"teacher.recipe not found: {teacher.recipe}; point it at the recipe that trains "
+                               f"the teacher, or give teacher.checkpoint=<weights>")
+        teacher_cfg = load_config(teacher.recipe)
+        if teacher_cfg.student.name != teacher.name:
+            raise DistillError(f"teacher.recipe {teacher.recipe} trains {teacher_cfg.student.name}, not the "
+                               f"teacher {teacher.name}; fix teacher.name or teacher.recipe")
+        cfg = copy.deepcopy(cfg)
+        cfg.teacher.checkpoint = ensure_trained(teacher_cfg, f'teacher training ({teacher.recipe})', quiet)
+    return Trainer(cfg, resume=resume, quiet=quiet).fit()

@@ -3,8 +3,9 @@
 Runs are grouped by teacher -> student pair and method (the loss terms other than ``ce``, joined with ``+``;
 ``student`` for a student trained alone, listed under every pair with that student; transfer settings of the
 run's ``resolved.yaml``, if any, in brackets). Each row gives the number of
-seeds, best-epoch and last-epoch top-1 as mean +- std, the paper's number with its source, and our mean minus
-the paper's on the metric that source reports (CRD reports the last epoch, DKD the best).
+seeds, best-epoch and last-epoch top-1 as mean +- std, the difference to KD on the same pair (last epoch), the
+paper's number with its source, and our mean minus the paper's on the metric that source reports (CRD reports
+the last epoch, DKD the best). ``plot_table`` draws the same numbers as a bar chart per pair.
 """
 import glob
 import json
@@ -72,22 +73,31 @@ def _stats(values: List[float]) -> Tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+def grouped(rows: List[Dict[str, Any]]) -> List[Tuple[Optional[str], str, Dict[str, List[Dict[str, Any]]]]]:
+    """(teacher, student, {method: runs}) per pair; a student trained alone appears under each of its pairs."""
     pairs = sorted({(r['teacher'], r['student']) for r in rows if r['teacher']})
     alone = {r['student'] for r in rows if not r['teacher']}
     pairs += sorted((None, s) for s in alone if not any(p[1] == s for p in pairs))
-    lines = ['| teacher -> student | method | seeds | best top-1 | last top-1 | paper | ours - paper |',
-             '|---|---|---|---|---|---|---|']
+    out = []
     for teacher, student in pairs:
         group: Dict[str, List[Dict[str, Any]]] = {}
         for r in rows:
             if r['student'] == student and (r['teacher'] == teacher or not r['teacher']):
                 group.setdefault(r['method'], []).append(r)
+        out.append((teacher, student, {m: group[m] for m in sorted(group, key=lambda m: (m != 'student', m))}))
+    return out
+
+
+def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+    lines = ['| teacher -> student | method | seeds | best top-1 | last top-1 | vs kd (last) | paper | ours - paper |',
+             '|---|---|---|---|---|---|---|---|']
+    for teacher, student, group in grouped(rows):
         pair_key = f"{teacher}->{student}" if teacher else student
         published = (paper.get('pairs') or {}).get(pair_key, {})
-        for method in sorted(group, key=lambda m: (m != 'student', m)):
-            runs = group[method]
+        kd_last = _stats([r['last'] for r in group['kd']])[0] if 'kd' in group else None
+        for method, runs in group.items():
             best, last = _stats([r['best'] for r in runs]), _stats([r['last'] for r in runs])
+            versus_kd = f"{last[0] - kd_last:+.2f}" if kd_last is not None and method != 'kd' else '-'
             entry = published.get(method)
             paper_text, delta_text = '-', '-'
             if entry:
@@ -96,7 +106,7 @@ def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
                 paper_text = f"{entry['top1']:.2f} ({entry['source']}, {source.get('metric', 'last')})"
                 delta_text = f"{ours - entry['top1']:+.2f}"
             lines.append(f"| {teacher or '-'} -> {student} | {method} | {len(runs)} | {best[0]:.2f} +- {best[1]:.2f} "
-                         f"| {last[0]:.2f} +- {last[1]:.2f} | {paper_text} | {delta_text} |")
+                         f"| {last[0]:.2f} +- {last[1]:.2f} | {versus_kd} | {paper_text} | {delta_text} |")
     sources = paper.get('sources') or {}
     if sources:
         lines.append('')
@@ -104,5 +114,38 @@ def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def table(runs_dir: str, paper_path: Optional[str] = None) -> str:
-    return build_table(collect(runs_dir), load_paper(paper_path))
+def plot_table(rows: List[Dict[str, Any]], path: str) -> None:
+    """One horizontal bar chart per pair: last-epoch top-1 mean +- std of each method, KD and the student alone
+    marked by vertical lines."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    groups = grouped(rows)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.32 * sum(len(g) for *_, g in groups) + 1.2 * len(groups)),
+                             squeeze=False)
+    for ax, (teacher, student, group) in zip(axes[:, 0], groups):
+        methods = list(group)
+        stats = [_stats([r['last'] for r in group[m]]) for m in methods]
+        colors = ['tab:gray' if m == 'student' else 'tab:orange' if m == 'kd' else 'tab:blue' for m in methods]
+        ax.barh(range(len(methods)), [m for m, _ in stats], xerr=[s for _, s in stats], color=colors, capsize=2)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.invert_yaxis()
+        for reference, style in (('kd', '--'), ('student', ':')):
+            if reference in group:
+                ax.axvline(_stats([r['last'] for r in group[reference]])[0], color='k', linestyle=style, lw=1,
+                           label=f'{reference} mean')
+        low = min(m - s for m, s in stats)
+        ax.set_xlim(max(0.0, low - 3), max(m + s for m, s in stats) + 1)
+        ax.set_xlabel('last-epoch top-1 (%), mean +- std over seeds')
+        ax.set_title(f"{teacher or '-'} -> {student}")
+        ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(runs_dir: str, paper_path: Optional[str] = None, plot_path: Optional[str] = None) -> str:
+    rows = collect(runs_dir)
+    if plot_path:
+        plot_table(rows, plot_path)
+    return build_table(rows, load_paper(paper_path))

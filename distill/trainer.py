@@ -163,6 +163,9 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
         self.cfg = cfg
+        if cfg.teacher and cfg.teacher.recipe and not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+            raise DistillError(f"the teacher has no weights yet: teacher.recipe {cfg.teacher.recipe} trains it when "
+                               f"run through `distill train` (distill.pipeline.run); or set teacher.checkpoint")
         self.run_dir = os.path.join(os.path.expanduser(cfg.trainer.output_dir), cfg.trainer.run_name or 'run')
         self.ckpt_dir = os.path.join(self.run_dir, 'checkpoints')
         self.last_path = os.path.join(self.ckpt_dir, 'last.pt')
@@ -201,6 +204,9 @@ class Trainer:
         if self.freezer is not None:
             self.freezer.apply(0)
             self.distiller.freezer = self.freezer
+        if self.distiller.needs_strong_view and not cfg.data.in_memory:
+            raise DistillError("a loss term needs a RandAugment view of each batch (MLKD), which only the in-memory "
+                               "pipeline makes; set data.in_memory=true or drop the term")
         self.data.train.strong_view = self.distiller.needs_strong_view
         self.trainable = self.distiller.trainable_modules()
         self.model = self._wrap_distributed()  # what a training step calls: the Distiller, or DDP around its
@@ -256,6 +262,8 @@ class Trainer:
     def _open_teacher_cache(self) -> TeacherCache:
         """The logits table for this teacher, training split, augmentation, normalisation and precision."""
         blocker = self.distiller.teacher_cache_blocker()
+        if not blocker and self.data.train.num_views == 0:
+            blocker = f"data.augment={self.cfg.data.augment} on streamed images has no finite set of views"
         if blocker:
             raise DistillError(f"teacher_cache.enabled=true cannot be exact here: {blocker}; set "
                                f"teacher_cache.enabled=false")

@@ -18,6 +18,10 @@ with open(os.path.join(os.path.dirname(__file__), 'data', 'repdistiller_referenc
 QUOTED_PARAMS = {
     'cifar_resnet8x4': 1_233_540, 'cifar_resnet32x4': 7_433_860, 'cifar_wrn_16_2': 703_284,
     'cifar_wrn_40_1': 569_780, 'cifar_wrn_40_2': 2_255_156, 'cifar_vgg8': 3_965_028, 'cifar_vgg13': 9_462_180,
+    # the cross-architecture models, counted on RepDistiller's definitions (the DKD/ReviewKD tables round them
+    # to 0.81M, 0.95M, 1.36M and 23.71M)
+    'cifar_mobilenetv2': 812_836, 'cifar_shufflenetv1': 949_258, 'cifar_shufflenetv2': 1_355_528,
+    'cifar_resnet50': 23_705_252,
 }
 
 
@@ -40,15 +44,31 @@ def test_keys_params_and_logits_match_repdistiller(name):
         assert feature.abs().mean().item() == pytest.approx(ref_feature['abs_mean'], rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.parametrize('name', ['cifar_mobilenetv2', 'cifar_shufflenetv1', 'cifar_shufflenetv2', 'cifar_resnet50'])
+def test_preact_taps_match_repdistiller_preact_features(name):
+    """'preact:N' on the cross-architecture models equals RepDistiller's ``is_feat=True, preact=True`` features
+    (recorded from its own definitions, see tests/reference_weights.py)."""
+    from distill.features import FeatureExtractor
+    model = fill_by_key(timm.create_model(name, num_classes=100))
+    ref = REFERENCE[name]['preact_features']
+    with torch.no_grad():
+        _, features = FeatureExtractor(model, [f'preact:{i}' for i in range(len(ref))])(reference_input())
+    for feature, ref_feature in zip(features, ref):
+        assert list(feature.shape) == ref_feature['shape']
+        assert feature.mean().item() == pytest.approx(ref_feature['mean'], rel=1e-3, abs=1e-4)
+        assert feature.abs().mean().item() == pytest.approx(ref_feature['abs_mean'], rel=1e-3, abs=1e-4)
+
+
 def test_all_issue_models_registered():
     names = set(timm.list_models('cifar_*'))
     for required in ['cifar_resnet20', 'cifar_resnet32', 'cifar_resnet56', 'cifar_resnet110', 'cifar_resnet8x4',
                      'cifar_resnet32x4', 'cifar_wrn_16_2', 'cifar_wrn_40_1', 'cifar_wrn_40_2', 'cifar_vgg8',
-                     'cifar_vgg13']:
+                     'cifar_vgg13', 'cifar_mobilenetv2', 'cifar_shufflenetv1', 'cifar_shufflenetv2', 'cifar_resnet50']:
         assert required in names
 
 
-@pytest.mark.parametrize('name', ['cifar_resnet8x4', 'cifar_wrn_16_2', 'cifar_vgg8'])
+@pytest.mark.parametrize('name', ['cifar_resnet8x4', 'cifar_wrn_16_2', 'cifar_vgg8', 'cifar_mobilenetv2',
+                                  'cifar_shufflenetv1', 'cifar_shufflenetv2', 'cifar_resnet50'])
 def test_timm_api(name):
     model = timm.create_model(name, num_classes=10).eval()
     x = torch.randn(3, 3, 32, 32)

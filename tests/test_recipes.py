@@ -13,7 +13,7 @@ from distill import Distiller, load_config
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '**', '*.yaml'), recursive=True)
                  if not os.path.basename(path).endswith('base.yaml') and os.path.basename(path) != 'paper.yaml'
-                 and not os.path.basename(path).startswith('grid'))
+                 and not os.path.basename(path).startswith('grid') and os.sep + 'methods' + os.sep not in path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,6 +37,29 @@ def test_recipe_builds_its_models_and_losses(path):
     distiller = Distiller(teacher, student, cfg.losses, input_size=(3, cfg.data.image_size, cfg.data.image_size),
                           train_targets=torch.arange(1000) % num_classes)
     assert set(distiller.loss_terms) == set(cfg.losses)
+
+
+def test_every_same_architecture_pair_has_a_recipe_per_method_on_its_own_models():
+    """The CRD/DKD same-architecture pairs: each method file of experiments/cifar100/methods/ applied to each pair's
+    kd.yaml (FSP is absent for wrn_40_2 -> wrn_40_1, as in CRD Table 1); DKD's beta follows the DKD paper."""
+    cifar = os.path.join(REPO, 'experiments', 'cifar100')
+    methods = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(cifar, 'methods', '*.yaml')))
+    assert len(methods) == 22
+    betas = {'resnet32x4-resnet8x4': 8, 'resnet56-resnet20': 2, 'resnet110-resnet32': 2, 'wrn_40_2-wrn_16_2': 6,
+             'wrn_40_2-wrn_40_1': 6, 'vgg13-vgg8': 6}
+    for pair, beta in betas.items():
+        teacher, student = ('cifar_' + name for name in pair.split('-'))
+        for method in methods:
+            path = os.path.join(cifar, pair, f'{method}.yaml')
+            if method == 'fsp' and pair == 'wrn_40_2-wrn_40_1':
+                assert not os.path.exists(path)
+                continue
+            cfg = load_config(path)
+            assert (cfg.student.name, cfg.teacher.name) == (student, teacher), path
+            if method != 'dkd':
+                shared = load_config(os.path.join(cifar, 'methods', f'{method}.yaml'))
+                assert cfg.losses == shared.losses, path
+        assert load_config(os.path.join(cifar, pair, 'dkd.yaml')).losses['dkd']['beta'] == beta
 
 
 def test_the_committed_grid_plans_every_method_recipe():

@@ -28,10 +28,10 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def teacher_weights(tmp_path, name='cifar_resnet8x4'):
+def teacher_weights(tmp_path, name='cifar_resnet8x4', num_classes=10):
     torch.manual_seed(1)
     path = str(tmp_path / 'teacher.safetensors')
-    save_file(timm.create_model(name, num_classes=10).state_dict(), path)
+    save_file(timm.create_model(name, num_classes=num_classes).state_dict(), path)
     return path
 
 
@@ -221,3 +221,45 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
                               '--nproc_per_node=2', '-m', 'distill', 'train', str(crd)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "loss terms ['crd'] keep per-sample state" in refused.stderr
+
+
+def _image_folder(root, per_class=12, size=40):
+    """A small ImageFolder tree (train/ and val/, 3 classes) of real digits images, upscaled to ``size``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for split, offset in (('train', 0), ('val', 100)):
+        for label in range(3):
+            os.makedirs(root / split / str(label), exist_ok=True)
+            members = [i for i, t in enumerate(digits.target) if t == label][offset:offset + per_class]
+            for i in members:
+                gray = (digits.images[i] * 255 / 16).astype('uint8')
+                Image.fromarray(gray).convert('RGB').resize((size, size)).save(root / split / str(label) / f'{i}.png')
+    return str(root)
+
+
+def test_streamed_image_folder_trains_with_imagenet_augmentation_and_a_seeded_order(tmp_path):
+    from distill.data import build_data
+    root = _image_folder(tmp_path / 'folder')
+    data_cfg = {'name': 'imagefolder', 'root': root, 'in_memory': False, 'workers': 2, 'image_size': 32,
+                'augment': 'random_resized_crop', 'batch_size': 8}
+    first, again = (build_data(from_dict({'data': data_cfg}).data, seed=3) for _ in range(2))
+    batches = [next(iter(loader.train)) for loader in (first, again)]
+    assert batches[0].images.shape == (8, 3, 32, 32) and torch.equal(batches[0].indices, batches[1].indices)
+    assert torch.equal(batches[0].images, batches[1].images)  # worker augmentation seeded from the generator
+    val = next(iter(first.val))
+    assert val.images.shape[-1] == 32 and torch.equal(val.indices, torch.arange(len(val.indices)))
+    cfg = digits_config(tmp_path, 'streamed', epochs=2, data=data_cfg, student={'name': 'cifar_resnet8'})
+    cfg['data'] = data_cfg
+    summary = Trainer(from_dict(cfg), quiet=True).fit()
+    assert summary['epochs'] == 2 and len(metrics(tmp_path / 'streamed')) == 2
+    # what streaming cannot do is refused with one line
+    with pytest.raises(DistillError, match='needs the in-memory pipeline'):
+        from_dict({'data': {**data_cfg, 'train_per_class': 5}})
+    with pytest.raises(DistillError, match='random_resized_crop is for streamed data'):
+        from_dict({'data': {**data_cfg, 'in_memory': True}})
+    teacher = teacher_weights(tmp_path, num_classes=3)
+    cached = kd_config(tmp_path, 'cached', teacher, teacher_cache={'enabled': True})
+    cached['data'] = data_cfg
+    with pytest.raises(DistillError, match='no finite set of views'):
+        Trainer(from_dict(cached), quiet=True)

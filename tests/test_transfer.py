@@ -1,6 +1,7 @@
 """Transfer learning: local pretrained weights in every format, a new head, freeze modes, per-layer learning rates
 and gradual unfreezing, through the real trainer on digits."""
 import json
+import os
 
 import pytest
 import timm
@@ -290,3 +291,33 @@ def test_class_subsets_random_per_class_subsets_and_sparse_evaluation(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / 'sparse' / 'metrics.jsonl')]
     assert ['val_top1' in r for r in records] == [False, True, False, True, True]
     assert summary['best_epoch'] in (2, 4, 5) and summary['last_top1'] == records[-1]['val_top1']
+
+
+def test_a_teacher_recipe_trains_the_teacher_once_when_no_checkpoint_is_given(tmp_path, capsys):
+    """``teacher.recipe`` (relative to the recipe naming it) runs first when ``teacher.checkpoint`` is not given;
+    a second distillation (e.g. another method of a grid) reuses the finished teacher run."""
+    import yaml
+    from distill.cli import main
+    os.makedirs(tmp_path / 'pair')
+    (tmp_path / 'pair' / 'teacher.yaml').write_text(yaml.safe_dump(
+        digits_config(tmp_path / 'runs', 'the-teacher', epochs=2, student={'name': 'cifar_resnet14'})))
+    kd = digits_config(tmp_path / 'runs', 'kd', epochs=1, teacher={'name': 'cifar_resnet14', 'recipe': 'teacher.yaml'},
+                       losses={'ce': 0.1, 'kd': 0.9})
+    (tmp_path / 'pair' / 'kd.yaml').write_text(yaml.safe_dump(kd))
+    dkd = {'base': 'kd.yaml', 'losses': {'ce': 1.0, 'dkd': 1.0}, 'trainer': {'run_name': 'dkd'}}
+    (tmp_path / 'pair' / 'dkd.yaml').write_text(yaml.safe_dump(dkd))
+    assert main(['train', str(tmp_path / 'pair' / 'kd.yaml'), '--quiet']) == 0
+    teacher = json.load(open(tmp_path / 'runs' / 'the-teacher' / 'summary.json'))
+    assert json.load(open(tmp_path / 'runs' / 'kd' / 'summary.json'))['teacher_top1'] == teacher['best_top1']
+    capsys.readouterr()
+    assert main(['train', str(tmp_path / 'pair' / 'dkd.yaml')]) == 0
+    assert 'teacher training' in capsys.readouterr().out  # "... already done"
+    assert json.load(open(tmp_path / 'runs' / 'the-teacher' / 'summary.json')) == teacher
+    # the Python API never trains silently from a teacher without weights
+    with pytest.raises(DistillError, match='the teacher has no weights yet'):
+        Trainer(from_dict({**kd, 'teacher': {'name': 'cifar_resnet14', 'recipe': 'x.yaml'}}), quiet=True)
+    # a recipe that trains another model is refused
+    (tmp_path / 'pair' / 'wrong.yaml').write_text(yaml.safe_dump(
+        {**kd, 'teacher': {'name': 'cifar_resnet20', 'recipe': 'teacher.yaml'}}))
+    assert main(['train', str(tmp_path / 'pair' / 'wrong.yaml')]) == 2
+    assert 'trains cifar_resnet14, not the teacher cifar_resnet20' in capsys.readouterr().err

@@ -3,7 +3,8 @@
 Importing :mod:`distill` registers them, after which ``timm.create_model("cifar_resnet8x4", num_classes=100)``
 works like any timm model.
 """
-from . import cifar_resnet, cifar_vgg, cifar_wrn  # noqa: F401  (registration side effect)
+from . import (cifar_mobilenetv2, cifar_resnet, cifar_resnet50, cifar_shufflenet, cifar_vgg,  # noqa: F401
+               cifar_wrn)  # (registration side effect)
 from .weights import load_backbone_weights, load_state_dict_file, load_weights
 
 __all__ = ['load_backbone_weights', 'load_state_dict_file', 'load_weights']

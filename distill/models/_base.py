@@ -44,8 +44,10 @@ class CifarNet(nn.Module):
         self.feature_info = feature_info
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.grad_checkpointing = False
-        setattr(self, self.classifier_name,
-                nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity())
+        setattr(self, self.classifier_name, self.make_classifier(num_features, num_classes))
+
+    def make_classifier(self, num_features: int, num_classes: int) -> nn.Module:
+        return nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def stage_forwards(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         raise NotImplementedError
@@ -62,8 +64,7 @@ class CifarNet(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        setattr(self, self.classifier_name,
-                nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
+        setattr(self, self.classifier_name, self.make_classifier(self.num_features, num_classes))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -1,0 +1,126 @@
+"""ImageFolder trees too large to hold in memory (ImageNet), streamed from disk through DataLoader workers.
+
+``data.in_memory: false`` selects this path. Training images get timm/torchvision's ImageNet augmentation
+(``random_resized_crop``: RandomResizedCrop to ``image_size`` + horizontal flip) or the CIFAR crop and flip;
+validation images are resized to ``image_size / eval_crop_pct`` and centre-cropped. Workers decode to uint8;
+normalisation runs on the training device. The epoch's order comes from the trainer's seeded generator (so a
+resumed run continues the same order) and each epoch's worker seed is drawn from it too; under torch.distributed
+every rank takes its own part of each global batch, as with the in-memory loader.
+"""
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import Batch, _find_split_dir
+from .errors import DistillError
+
+
+class LabelSplit:
+    """What the trainer reads of a split it does not hold: the labels (CRD's class lists) and the classes."""
+
+    def __init__(self, labels: torch.Tensor, classes: List[str]):
+        self.labels, self.classes = labels, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class _Indexed(Dataset):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        image, label = self.folder[index]
+        return image, label, index
+
+
+def image_transform(train: bool, augment: str, image_size: int, padding: int, crop_pct: float):
+    from torchvision.transforms import v2 as T
+    if not train:
+        resize = int(round(image_size / crop_pct))
+        steps = [T.Resize(resize, antialias=True), T.CenterCrop(image_size)]
+    elif augment == 'random_resized_crop':
+        steps = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+        if augment in ('crop', 'crop_flip'):
+            steps.append(T.RandomCrop(image_size, padding=padding))
+        if augment == 'crop_flip':
+            steps.append(T.RandomHorizontalFlip())
+    return T.Compose([T.ToImage()] + steps + [T.ToDtype(torch.uint8)])
+
+
+class StreamingLoader:
+    """Yields ``Batch`` es of an ImageFolder split decoded by ``workers`` processes (the in-memory
+    ``BatchLoader``'s interface: ``to``, ``shard``, ``generator``, ``split.labels``)."""
+    strong_view = False
+    num_views = 0  # no finite set of views: the teacher cache refuses this loader
+
+    def __init__(self, split_dir: str, batch_size: int, mean: torch.Tensor, std: torch.Tensor, train: bool,
+                 augment: str, image_size: int, padding: int, workers: int, crop_pct: float,
+                 generator: Optional[torch.Generator] = None):
+        from torchvision.datasets import ImageFolder
+        self.folder = ImageFolder(split_dir, transform=image_transform(train, augment, image_size, padding,
+                                                                        crop_pct))
+        self.split = LabelSplit(torch.as_tensor(self.folder.targets, dtype=torch.int64), self.folder.classes)
+        self.batch_size, self.train, self.augment, self.padding, self.workers = \
+            batch_size, train, augment, padding, workers
+        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.device, self.rank, self.world_size = torch.device('cpu'), 0, 1
+
+    def to(self, device: torch.device) -> 'StreamingLoader':
+        self.device = device
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def shard(self, rank: int, world_size: int) -> 'StreamingLoader':
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def _local_batches(self) -> List[Tuple[List[int], float]]:
+        """This rank's sample indices of each batch, with the loss scale of its part of the global batch."""
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        if not self.train and self.world_size > 1:
+            order = torch.tensor_split(order, self.world_size)[self.rank]
+            return [(order[s:s + self.batch_size].tolist(), 1.0) for s in range(0, len(order), self.batch_size)]
+        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+        if self.train and batches and len(batches[-1]) < self.world_size:
+            batches.pop()
+        if self.world_size == 1:
+            return [(b.tolist(), 1.0) for b in batches]
+        local = [torch.tensor_split(b, self.world_size)[self.rank] for b in batches]
+        return [(part.tolist(), self.world_size * len(part) / len(b)) for part, b in zip(local, batches)]
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if not self.train:
+            local = len(torch.tensor_split(torch.arange(n), self.world_size)[self.rank])
+            return (local + self.batch_size - 1) // self.batch_size
+        full, rest = divmod(n, self.batch_size)
+        return full + (1 if rest >= max(1, self.world_size) else 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self._local_batches()
+        worker_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) if self.train else 0
+        loader = DataLoader(_Indexed(self.folder), batch_sampler=[indices for indices, _ in batches],
+                            num_workers=self.workers, pin_memory=self.device.type == 'cuda',
+                            generator=torch.Generator().manual_seed(worker_seed))
+        for (images, labels, indices), (_, loss_scale) in zip(loader, batches):
+            images = images.to(self.device, non_blocking=True)
+            labels, indices = labels.to(self.device, non_blocking=True), indices.to(self.device)
+            yield Batch((images.float() / 255.0 - self.mean) / self.std, labels, indices,
+                        torch.zeros_like(indices), None, loss_scale)
+
+
+def streaming_split_dir(root: str, train: bool) -> str:
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise DistillError(f"data directory not found: {root} (set data.root=<ImageFolder root>)")
+    return _find_split_dir(root, train)
