@@ -28,6 +28,7 @@ from timm.models.vision_transformer import Block
 
 from .base import LossTerm, StepOutputs, fp32_loss, register_loss, stages_after_stem
 from ..features import feature_info_list
+from ..models._base import init_weights
 
 
 @fp32_loss
@@ -79,17 +80,14 @@ class TokenBranch(nn.Module):
         return self.head(self.blocks(x.flatten(1, 2)).mean(1))
 
 
+def _init_linear(linear: nn.Linear) -> None:
+    trunc_normal_(linear.weight, std=.02)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 def _init_branch(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    init_weights(module, _init_linear)
 
 
 def is_token_model(model: nn.Module) -> bool:

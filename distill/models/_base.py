@@ -28,6 +28,33 @@ def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+def init_weights(model: nn.Module, linear_init: Optional[Callable[[nn.Linear], None]] = None) -> None:
+    """The reference initialisation of the KD zoo (after fb.resnet.torch): every conv He-normal on its fan-out,
+    i.e. normal(0, sqrt(2 / (k * k * out_channels))) (RepDistiller writes it out; ``kaiming_normal_`` draws the
+    same numbers), conv biases 0, BatchNorm weight 1 and bias 0; linear layers ``linear_init`` (None: PyTorch's
+    default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_init is not None:
+            linear_init(m)
+
+
+def zero_bias(linear: nn.Linear) -> None:
+    nn.init.zeros_(linear.bias)
+
+
+def small_normal(linear: nn.Linear) -> None:
+    """normal(0, 0.01) weights and zero bias (RepDistiller's VGG and MobileNetV2 classifiers)."""
+    nn.init.normal_(linear.weight, 0, 0.01)
+    nn.init.zeros_(linear.bias)
+
+
 class CifarNet(nn.Module):
     """Base of the ``cifar_*`` models: subclasses build their layers, then call ``_init_head``.
 

@@ -8,13 +8,12 @@ Its four feature stages are RepDistiller's f1..f4: after ``blocks.1``, ``blocks.
 (each ends in a BatchNorm without ReLU, so the stage output is its own pre-activation).
 Reference parameter count at 100 classes: 812,836 (the "0.81M" of the DKD/ReviewKD tables).
 """
-import math
 from typing import List
 
 import torch
 import torch.nn as nn
 
-from ._base import CifarNet, register_variants
+from ._base import CifarNet, init_weights, small_normal, register_variants
 
 
 def conv_bn_relu(in_chans: int, out_chans: int, kernel_size: int, stride: int) -> nn.Sequential:
@@ -64,16 +63,7 @@ class CifarMobileNetV2(CifarNet):
         modules = ['conv1'] + [f'blocks.{end}' for end in self.STAGE_ENDS]
         feature_info = [dict(num_chs=w, reduction=r, module=m) for w, r, m in zip(widths, (2, 2, 4, 8, 16), modules)]
         self._init_head(num_classes, last_channels, feature_info, global_pool)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, small_normal)
 
     def make_classifier(self, num_features: int, num_classes: int) -> nn.Module:
         # a Sequential, as the reference (its checkpoints hold classifier.0.weight)

@@ -9,7 +9,7 @@ from typing import List
 
 import torch
 import torch.nn as nn
-from ._base import CifarNet, register_variants
+from ._base import CifarNet, init_weights, register_variants
 
 
 class BasicBlock(nn.Module):
@@ -52,12 +52,7 @@ class CifarResNet(CifarNet):
             dict(num_chs=w, reduction=r, module=f'layer{i}')
             for i, (w, r) in enumerate(zip(widths[1:], (1, 2, 4)), start=1)]
         self._init_head(num_classes, widths[3], feature_info, global_pool)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

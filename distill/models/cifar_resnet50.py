@@ -8,7 +8,7 @@ bottleneck stages of 3, 4, 6, 3 blocks at widths 64-512 (x4 expansion), strides 
 import torch
 import torch.nn as nn
 
-from ._base import CifarNet, register_variants
+from ._base import CifarNet, init_weights, register_variants
 
 
 class Bottleneck(nn.Module):
@@ -54,12 +54,7 @@ class CifarBottleneckResNet(CifarNet):
         feature_info = [dict(num_chs=64, reduction=1, module='relu')] + [
             dict(num_chs=w, reduction=r, module=f'layer{i}') for i, (w, r) in enumerate(zip(widths, (1, 2, 4, 8)), 1)]
         self._init_head(num_classes, in_planes, feature_info, global_pool)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

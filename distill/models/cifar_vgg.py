@@ -7,14 +7,13 @@ average pooling and a single linear ``classifier``. ``pool3`` is applied only wh
 larger than 4x4, which reproduces the reference's rule (used only for 64x64 inputs) at 32 and 64 pixels.
 Reference parameter counts at 100 classes: vgg8 3,965,028; vgg13 9,462,180.
 """
-import math
 from typing import List, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import CifarNet, register_variants
+from ._base import CifarNet, init_weights, small_normal, register_variants
 
 _CONFIGS = {
     'S': [[64], [128], [256], [512], [512]],
@@ -49,17 +48,7 @@ class CifarVGG(CifarNet):
         feature_info = [dict(num_chs=w[-1], reduction=r, module=f'block{i}')
                         for i, (w, r) in enumerate(zip(blocks, (1, 2, 4, 8, 8)))]
         self._init_head(num_classes, blocks[-1][-1], feature_info, global_pool)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, small_normal)
 
     def _stage(self, index: int):
         block = getattr(self, f'block{index}')

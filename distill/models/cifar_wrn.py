@@ -5,13 +5,12 @@ Komodakis, "Wide Residual Networks", BMVC 2016): pre-activation blocks, widths (
 a closing BN-ReLU (``bn1``) before global pooling and ``fc``. Reference parameter counts at 100 classes:
 wrn_16_2 703,284; wrn_40_1 569,780; wrn_40_2 2,255,156.
 """
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import CifarNet, register_variants
+from ._base import CifarNet, init_weights, zero_bias, register_variants
 
 
 class PreActBlock(nn.Module):
@@ -66,15 +65,7 @@ class CifarWideResNet(CifarNet):
         feature_info = [dict(num_chs=w, reduction=r, module=m) for w, r, m in zip(
             widths, (1, 1, 2, 4), ('conv1', 'block1', 'block2', 'block3'))]
         self._init_head(num_classes, widths[3], feature_info, global_pool)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_bias)
 
     def stage_forwards(self):
         return [self.conv1, self.block1, self.block2, self.block3]
