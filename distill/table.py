@@ -20,7 +20,10 @@ from .errors import DistillError
 
 def method_name(summary: Dict[str, Any], resolved: Optional[Dict[str, Any]] = None) -> str:
     """``kd``, ``crd+kd``, ``student``...; with the run's transfer settings in brackets when it used any."""
-    terms = [name for name in summary.get('losses', {}) if name != 'ce']
+    losses = summary.get('losses', {})
+    # a term switched into a variant by a boolean option is its own method (KD vs KD with logit standardization)
+    terms = [name + ''.join(f"[{option}]" for option, value in sorted(spec.items()) if value is True)
+             if isinstance(spec, dict) else name for name, spec in losses.items() if name != 'ce']
     name = '+'.join(sorted(terms)) or 'student'
     tags = []
     if resolved:

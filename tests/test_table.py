@@ -23,6 +23,7 @@ def test_table_gives_means_stds_and_deltas_against_the_paper(tmp_path, capsys):
         write_run(tmp_path, f'crdkd{seed}', *pair, {'ce': 1.0, 'kd': 1.0, 'crd': 0.8}, seed, best + 2, last + 2)
     write_run(tmp_path, 'base', None, 'cifar_resnet8x4', {'ce': 1.0}, 0, 72.0, 71.5)
     write_run(tmp_path, 'dkd', *pair, {'ce': 1.0, 'dkd': 1.0}, 0, 76.5, 76.0)
+    write_run(tmp_path, 'kd_ls', *pair, {'ce': 0.1, 'kd': {'weight': 9.0, 'logit_standardization': True}}, 0, 75.0, 74.5)
     plot = tmp_path / 'methods.png'
     assert main(['table', str(tmp_path), '--paper', os.path.join(REPO, 'experiments', 'cifar100', 'paper.yaml'),
                  '--plot', str(plot)]) == 0
@@ -33,6 +34,7 @@ def test_table_gives_means_stds_and_deltas_against_the_paper(tmp_path, capsys):
     assert '| crd+kd | 3 | 77.00 +- 1.00 | 76.00 +- 1.00 | +2.00 | 75.46 (crd, last) | +0.54 |' in out
     # DKD is compared on the best epoch, as the DKD paper reports: 76.50 - 76.32
     assert '| dkd | 1 | 76.50 +- 0.00 | 76.00 +- 0.00 | +2.00 | 76.32 (dkd, best) | +0.18 |' in out
+    assert '| kd[logit_standardization] | 1 | 75.00 +- 0.00 | 74.50 +- 0.00 | +0.50 | - | - |' in out  # not pooled with KD
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and plot.stat().st_size > 10000
     # the student alone appears in the pair's block, first
     lines = [line for line in out.splitlines() if line.startswith('| cifar_resnet32x4')]
