@@ -32,7 +32,8 @@ OPERATIONS = [  # (name, operation(image, value), low, high)
     ('sharpness', lambda img, v: TF.adjust_sharpness(img, v), 0.05, 0.95),
     ('shear_x', lambda img, v: _affine(img, shear=(math.degrees(math.atan(v)), 0.0)), -0.3, 0.3),
     ('shear_y', lambda img, v: _affine(img, shear=(0.0, math.degrees(math.atan(v)))), -0.3, 0.3),
-    ('solarize', lambda img, v: TF.solarize(img, v), 0, 256),
+    # PIL semantics: pixels >= threshold invert, so a threshold above 255 (the range reaches 256) inverts none
+    ('solarize', lambda img, v: TF.solarize(img, v) if v <= 255 else img, 0, 256),
     ('translate_x', lambda img, v: _affine(img, translate=(-v * img.shape[-1], 0.0)), -0.3, 0.3),
     ('translate_y', lambda img, v: _affine(img, translate=(0.0, -v * img.shape[-2])), -0.3, 0.3),
 ]

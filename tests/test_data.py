@@ -79,3 +79,20 @@ def test_imagefolder_on_shared_cifar10_decodes_once_and_caches(tmp_path, monkeyp
     for name in cached:
         (tmp_path / 'imagefolder' / name).write_bytes(b'garbage')
     assert torch.equal(load_split(cfg, True).images, data.train.split.images)
+
+
+def test_every_randaugment_operation_accepts_its_whole_range_on_uint8_images():
+    """The MLKD strong view draws each magnitude uniformly in [low, high): every operation must accept both ends
+    (a solarize threshold above 255 once crashed a run; in PIL's sense it inverts nothing)."""
+    from distill.randaugment import OPERATIONS, rand_augment
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    for name, operation, low, high in OPERATIONS:
+        for value in (low, (low + high) / 2, high - 1e-3):
+            out = operation(images[0], value)
+            assert out.dtype == torch.uint8 and out.shape == images[0].shape, name
+    solarize = dict((name, op) for name, op, *_ in OPERATIONS)['solarize']
+    assert torch.equal(solarize(images[0], 255.9), images[0])
+    inverted = solarize(images[0], 128)
+    assert torch.equal(inverted, torch.where(images[0] >= 128, 255 - images[0], images[0]))
+    out = rand_augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
