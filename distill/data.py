@@ -212,6 +212,31 @@ class Batch(NamedTuple):
     loss_scale: float = 1.0  # world * local / global batch size: makes DDP's gradient mean the global batch mean
 
 
+def plan_batches(order: torch.Tensor, batch_size: int, train: bool, rank: int = 0,
+                 world_size: int = 1) -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each batch of an epoch as ``(global batch indices, positions of this rank's part in it, loss scale)``.
+
+    Training: every rank sees the same global batches of ``order`` and keeps a contiguous part of each (the loss
+    scale ``world * local / global`` makes DDP's mean of rank means the global batch mean); a last batch smaller
+    than the world is dropped, since a rank would have no sample. Evaluation under torch.distributed: each rank
+    takes a contiguous part of the split, batched on its own."""
+    if not train and world_size > 1:
+        order = torch.tensor_split(order, world_size)[rank]
+        world_size = 1
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if train and batches and len(batches[-1]) < world_size:
+        batches.pop()
+    if world_size == 1:
+        return [(batch, torch.arange(len(batch)), 1.0) for batch in batches]
+    parts = [torch.tensor_split(torch.arange(len(batch)), world_size)[rank] for batch in batches]
+    return [(batch, part, world_size * len(part) / len(batch)) for batch, part in zip(batches, parts)]
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the model's input: scaled to [0, 1], then standardised per channel."""
+    return (images.float() / 255.0 - mean) / std
+
+
 class BatchLoader:
     """Yields ``Batch`` es from an in-memory split held as uint8 on one device (``to(device)``: the training
     device, so crops, flips and normalisation run batched there, with no DataLoader workers).
@@ -245,26 +270,16 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         return self
 
-    def _global_batches(self) -> List[slice]:
-        n = len(self.split)
-        if not self.train and self.world_size > 1:  # evaluation: one contiguous part of the split per rank
-            part = torch.tensor_split(torch.arange(n), self.world_size)[self.rank]
-            start, stop = (int(part[0]), int(part[-1]) + 1) if len(part) else (0, 0)
-            return [slice(s, min(s + self.batch_size, stop)) for s in range(start, stop, self.batch_size)]
-        batches = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
-        if self.train and batches and batches[-1].stop - batches[-1].start < self.world_size:
-            batches.pop()  # a last batch smaller than the world would leave a rank without samples
-        return batches
-
     def __len__(self) -> int:
-        return len(self._global_batches())
+        return len(plan_batches(torch.arange(len(self.split)), self.batch_size, self.train, self.rank,
+                                self.world_size))
 
     def __iter__(self) -> Iterator[Batch]:
         n, device = len(self.split), self.split.images.device
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         augmenting = self.train and self.augment != 'none'
-        for batch in self._global_batches():
-            indices = order[batch]
+        for indices, local, loss_scale in plan_batches(order, self.batch_size, self.train, self.rank,
+                                                       self.world_size):
             views = draw_views(len(indices), self.padding, self.flip, self.generator) \
                 if augmenting else torch.zeros(len(indices), dtype=torch.int64)
             strong = None
@@ -273,10 +288,7 @@ class BatchLoader:
                 weak = apply_views(raw, draw_views(len(raw), self.padding, self.flip, self.generator),
                                    self.padding, self.flip) if augmenting else raw
                 strong = rand_augment(weak, self.generator)
-            loss_scale = 1.0
-            if self.train and self.world_size > 1:
-                local = torch.tensor_split(torch.arange(len(indices)), self.world_size)[self.rank]
-                loss_scale = self.world_size * len(local) / len(indices)
+            if len(local) < len(indices):  # this rank's part of the global batch
                 indices, views = indices[local], views[local]
                 strong = strong[local] if strong is not None else None
             indices = indices.to(device)
@@ -287,7 +299,7 @@ class BatchLoader:
                         self._normalize(strong.to(device)) if strong is not None else None, loss_scale)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+        return normalize(images, self.mean, self.std)
 
 
 @dataclass

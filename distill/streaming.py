@@ -8,12 +8,12 @@ resumed run continues the same order) and each epoch's worker seed is drawn from
 every rank takes its own part of each global batch, as with the in-memory loader.
 """
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Batch, _find_split_dir
+from .data import Batch, _find_split_dir, normalize, plan_batches
 from .errors import DistillError
 
 
@@ -83,40 +83,25 @@ class StreamingLoader:
         self.rank, self.world_size = rank, world_size
         return self
 
-    def _local_batches(self) -> List[Tuple[List[int], float]]:
-        """This rank's sample indices of each batch, with the loss scale of its part of the global batch."""
-        n = len(self.split)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        if not self.train and self.world_size > 1:
-            order = torch.tensor_split(order, self.world_size)[self.rank]
-            return [(order[s:s + self.batch_size].tolist(), 1.0) for s in range(0, len(order), self.batch_size)]
-        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
-        if self.train and batches and len(batches[-1]) < self.world_size:
-            batches.pop()
-        if self.world_size == 1:
-            return [(b.tolist(), 1.0) for b in batches]
-        local = [torch.tensor_split(b, self.world_size)[self.rank] for b in batches]
-        return [(part.tolist(), self.world_size * len(part) / len(b)) for part, b in zip(local, batches)]
+    def _plan(self, order: torch.Tensor):
+        return plan_batches(order, self.batch_size, self.train, self.rank, self.world_size)
 
     def __len__(self) -> int:
-        n = len(self.split)
-        if not self.train:
-            local = len(torch.tensor_split(torch.arange(n), self.world_size)[self.rank])
-            return (local + self.batch_size - 1) // self.batch_size
-        full, rest = divmod(n, self.batch_size)
-        return full + (1 if rest >= max(1, self.world_size) else 0)
+        return len(self._plan(torch.arange(len(self.split))))
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = self._local_batches()
+        n = len(self.split)
+        batches = self._plan(torch.randperm(n, generator=self.generator) if self.train else torch.arange(n))
         worker_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) if self.train else 0
-        loader = DataLoader(_Indexed(self.folder), batch_sampler=[indices for indices, _ in batches],
+        parts = [batch[local].tolist() for batch, local, _ in batches]  # this rank's samples of each batch
+        loader = DataLoader(_Indexed(self.folder), batch_sampler=parts,
                             num_workers=self.workers, pin_memory=self.device.type == 'cuda',
                             generator=torch.Generator().manual_seed(worker_seed))
-        for (images, labels, indices), (_, loss_scale) in zip(loader, batches):
+        for (images, labels, indices), (*_, loss_scale) in zip(loader, batches):
             images = images.to(self.device, non_blocking=True)
             labels, indices = labels.to(self.device, non_blocking=True), indices.to(self.device)
-            yield Batch((images.float() / 255.0 - self.mean) / self.std, labels, indices,
-                        torch.zeros_like(indices), None, loss_scale)
+            yield Batch(normalize(images, self.mean, self.std), labels, indices, torch.zeros_like(indices), None,
+                        loss_scale)
 
 
 def streaming_split_dir(root: str, train: bool) -> str:
