@@ -209,8 +209,10 @@ class Trainer:
                                "pipeline makes; set data.in_memory=true or drop the term")
         self.data.train.strong_view = self.distiller.needs_strong_view
         self.trainable = self.distiller.trainable_modules()
-        self.model = self._wrap_distributed()  # what a training step calls: the Distiller, or DDP around its
-        self.compiled = cfg.trainer.compile and self._compile()  # trainable parts
+        # what a training step calls: the Distiller, or DDP around its trainable parts
+        self.model = self._wrap_distributed()
+        self.compiled = cfg.trainer.compile and self._compile()
+        self.compile_unchecked = self.compiled  # the first step of this process shows whether compilation works
         self.optimizer = self._create_optimizer()
         self.updates_per_epoch = len(self.data.train)
         self.scheduler = self._create_scheduler()
@@ -396,7 +398,8 @@ class Trainer:
                 reduce_grads: bool = False) -> Dict[str, Any]:
         """One optimisation step: forward under autocast, scaled backward, clip, step. ``loss_scale`` weights a
         rank's part of a global batch; ``reduce_grads`` averages gradients over ranks where DDP does not."""
-        if self.compiled and self.num_updates == 0:
+        if self.compile_unchecked:
+            self.compile_unchecked = False
             try:
                 out = self._forward(forward, inputs)
             except Exception as exc:  # noqa: BLE001 (any compiler failure: fall back, never lose the run)

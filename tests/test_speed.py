@@ -263,3 +263,16 @@ def test_streamed_image_folder_trains_with_imagenet_augmentation_and_a_seeded_or
     cached['data'] = data_cfg
     with pytest.raises(DistillError, match='no finite set of views'):
         Trainer(from_dict(cached), quiet=True)
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
+    trainer = Trainer(from_dict(digits_config(tmp_path, 'fallback', epochs=1, trainer={'compile': True})),
+                      quiet=True)
+
+    def broken_compiled_call(*args, **kwargs):
+        raise RuntimeError('backend compiler failed')
+    trainer.distiller.student._compiled_call_impl = broken_compiled_call  # what a compiler failure looks like
+    summary = trainer.fit()
+    assert summary['epochs'] == 1 and not trainer.compiled and summary['last_top1'] > 20
+    assert 'torch.compile failed (RuntimeError: backend compiler failed); training eagerly' in \
+        open(tmp_path / 'fallback' / 'log.txt').read()
