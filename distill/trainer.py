@@ -98,6 +98,13 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
     return model
 
 
+def in_memory_format(images: Optional[torch.Tensor], memory_format: Optional[torch.memory_format]):
+    """``images`` laid out as the models are (channels_last on CUDA), or as they are."""
+    if images is None or memory_format is None:
+        return images
+    return images.contiguous(memory_format=memory_format)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
              context: DistributedContext = DistributedContext(),
@@ -108,9 +115,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, amp_dt
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, loss sum, count
     for batch in loader:
-        images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
-        if memory_format is not None:
-            images = images.contiguous(memory_format=memory_format)
+        images = in_memory_format(batch.images.to(device, non_blocking=True), memory_format)
+        labels = batch.labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
@@ -398,17 +404,15 @@ class Trainer:
                 reduce_grads: bool = False) -> Dict[str, Any]:
         """One optimisation step: forward under autocast, scaled backward, clip, step. ``loss_scale`` weights a
         rank's part of a global batch; ``reduce_grads`` averages gradients over ranks where DDP does not."""
-        if self.compile_unchecked:
-            self.compile_unchecked = False
-            try:
-                out = self._forward(forward, inputs)
-            except Exception as exc:  # noqa: BLE001 (any compiler failure: fall back, never lose the run)
-                if isinstance(exc, DistillError):
-                    raise
-                self._uncompile(exc)
-                out = self._forward(forward, inputs)
-        else:
+        try:
             out = self._forward(forward, inputs)
+        except Exception as exc:  # noqa: BLE001 (a compiler failure at the first step: fall back, never lose the run)
+            if not self.compile_unchecked or isinstance(exc, DistillError):
+                raise
+            self._uncompile(exc)
+            out = self._forward(forward, inputs)
+        finally:
+            self.compile_unchecked = False
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out['loss'] * loss_scale if loss_scale != 1.0 else out['loss']).backward()
         if reduce_grads and self.dist.enabled:
@@ -465,9 +469,7 @@ class Trainer:
             p.requires_grad_(False)
 
     def _images(self, images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if images is None or self.memory_format is None:
-            return images
-        return images.contiguous(memory_format=self.memory_format)
+        return in_memory_format(images, self.memory_format)
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         """One pass over the training split. Nothing in a step waits for the device: metrics add up on it and
