@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from common import PILImages
 from distill.config import DataConfig
-from distill.data import BatchLoader, ImageSplit, channel_stats, load_split
+from distill.data import BatchLoader, ImageSplit, Placement, channel_stats, load_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,7 +61,7 @@ def main() -> None:
     torchvision_loader = DataLoader(PILImages(split.images, split.labels, transform), batch_size=args.batch,
                                     shuffle=True, num_workers=args.workers, pin_memory=device.type == 'cuda',
                                     persistent_workers=args.workers > 0)
-    ours = BatchLoader(split, args.batch, mean, std, True, 'crop_flip', 4).to(device)
+    ours = BatchLoader(split, args.batch, mean, std, True, 'crop_flip', 4, placement=Placement(device))
     rates = {
         'torchvision DataLoader': images_per_second(lambda: torchvision_loader, device, args.epochs),
         'distill in-memory': images_per_second(lambda: ours, device, args.epochs),

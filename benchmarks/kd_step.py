@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import distill
 from common import pair_arguments, time_steps
-from distill import Distiller
+from distill import Batch, CachedTeacher, Distiller
 from distill.teacher_cache import TeacherCache
 
 
@@ -49,19 +49,20 @@ def main() -> None:
     distiller = Distiller(teacher, student, {'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4.0}}).train()
 
     def engine_kd():
-        loss = distiller(images, targets)['loss']
+        loss = distiller(Batch(images, targets))['loss']
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    cached = Distiller(teacher, student, {'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4.0}}).train()
-    cached.teacher_cache = TeacherCache(tempfile.mkdtemp(prefix='kd_step_cache-'), args.batch, 1, 100, 'float16',
-                                        device, meta={})
+    table = TeacherCache(tempfile.mkdtemp(prefix='kd_step_cache-'), args.batch, 1, 100, 'float16', device, meta={})
+    cached = Distiller(CachedTeacher(teacher, table), student,
+                       {'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4.0}}).train()
     indices, views = torch.arange(args.batch, device=device), torch.zeros(args.batch, dtype=torch.long, device=device)
-    cached(images, targets, indices, views=views)  # fills the table: every timed step reads it
+    batch = Batch(images, targets, indices, views)
+    cached(batch)  # fills the table: every timed step reads it
 
     def cached_kd():
-        loss = cached(images, targets, indices, views=views)['loss']
+        loss = cached(batch)['loss']
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -13,7 +13,8 @@ import torch
 
 import distill
 from common import pair_arguments, time_steps
-from distill import Distiller, list_losses
+from distill import Batch, Distiller, list_losses
+from distill.losses import Need
 
 
 def main() -> None:
@@ -36,11 +37,11 @@ def main() -> None:
                     module.requires_grad_(True)
         optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
-        strong = images.flip(-1) if distiller.needs_strong_view else None  # MLKD's second view (made by the loader)
+        strong = images.flip(-1) if Need.STRONG_VIEW in distiller.needs else None  # MLKD's second view (the loader's)
+        batch = Batch(images, targets, indices, None, strong)
 
         def step():
-            out = distiller.pre_stage_forward(images, targets, indices, 0) if pre_stage else \
-                distiller(images, targets, indices=indices, epoch=30, strong_images=strong)
+            out = distiller.pre_stage_forward(batch, 0) if pre_stage else distiller(batch, epoch=30)
             optimizer.zero_grad(set_to_none=True)
             out['loss'].backward()
             optimizer.step()

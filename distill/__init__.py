@@ -10,9 +10,12 @@ from .features import FeatureExtractor
 from .losses import (LossTerm, SetupContext, StepOutputs, create_loss, cross_entropy_loss, kd_loss, list_losses,
                      register_loss)
 from .models import load_weights
-from .trainer import Trainer, evaluate
+from .evaluation import evaluate
+from .teachers import CachedTeacher, LiveTeacher
+from .trainer import Trainer
+from .data import Batch
 
 __version__ = '0.1.0'
-__all__ = ['Config', 'load_config', 'Distiller', 'DistillError', 'FeatureExtractor', 'LossTerm', 'SetupContext',
+__all__ = ['Batch', 'CachedTeacher', 'LiveTeacher', 'Config', 'load_config', 'Distiller', 'DistillError', 'FeatureExtractor', 'LossTerm', 'SetupContext',
            'StepOutputs', 'create_loss', 'cross_entropy_loss', 'kd_loss', 'list_losses', 'register_loss',
            'load_weights', 'Trainer', 'evaluate']

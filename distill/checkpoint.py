@@ -1,36 +1,12 @@
-"""Atomic checkpoint files and the random-number state that makes a resumed run equal an uninterrupted one."""
+"""Checkpoint files and the random-number state that makes a resumed run equal an uninterrupted one."""
 import os
 import random
-import tempfile
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
 from .errors import DistillError
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: a kill at any moment leaves either the old file or the new one, never a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

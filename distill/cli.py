@@ -21,7 +21,9 @@ def _eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .config import ModelConfig, from_dict
     from .data import build_eval_loader
-    from .trainer import create_model, evaluate, resolve_device
+    from .evaluation import evaluate
+    from .models.factory import create_model
+    from .runtime import resolve_device
     if not os.path.isfile(args.checkpoint):
         raise DistillError(f"checkpoint not found: {args.checkpoint} (check the path)")
     checkpoint = None
@@ -67,7 +69,8 @@ def _extract(args: argparse.Namespace) -> None:
     import time
     from .config import ModelConfig, TransferConfig
     from .probe import extract_features, feature_loaders, save_features
-    from .trainer import create_model, resolve_device
+    from .models.factory import create_model
+    from .runtime import resolve_device
     data_cfg = _data_config(args)
     data_cfg.image_size, data_cfg.augment = args.image_size, 'none'
     data_cfg.train_per_class, data_cfg.val_per_class = args.train_per_class, args.val_per_class
@@ -127,7 +130,7 @@ def method_table() -> str:
     for name, cls in sorted(list_losses().items()):
         options = ', '.join(f'{p.name}={p.default!r}' for p in inspect.signature(cls.__init__).parameters.values()
                             if p.name != 'self' and p.default is not inspect.Parameter.empty)
-        needs = ['teacher'] * cls.requires_teacher + list(cls.needs)
+        needs = ['teacher'] * cls.requires_teacher + sorted(need.value for need in cls.needs)
         rows.append(f"| {name} | {cls.paper} | {cls.default_weight:g} | {options} | {', '.join(needs) or '-'} | "
                     f"{cls.pairs} |")
     return '\n'.join(rows)

@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .errors import DistillError
-from .losses.base import nearest
+from .errors import DistillError, nearest
 
 
 @dataclass

@@ -12,6 +12,7 @@ import yaml
 
 from .config import from_dict, to_dict
 from .errors import DistillError
+from .run_dir import FINISHED, INTERRUPTED, RunDir
 from .trainer import Trainer
 
 TEACHER, STUDENT = 'cifar_resnet8x4', 'cifar_resnet8'
@@ -34,7 +35,7 @@ def demo_configs(data_dir: Optional[str], output_dir: str, epochs: Optional[int]
         scheduler=dict(name='cosine', warmup_epochs=0, min_lr=0.0),
         trainer=dict(epochs=epochs, seed=seed, output_dir=output_dir, device='cpu'),
     )
-    teacher_weights = os.path.join(output_dir, 'teacher', 'student_best.safetensors')
+    teacher_weights = RunDir(output_dir, 'teacher').student_weights('best')
     # Both students see the same STUDENT_FRACTION of the teacher's training images: the setting of Hinton et
     # al. (2015, section 5), where soft targets let a model generalise from a small part of the training set.
     student_data = dict(data, train_per_class=max(1, int(STUDENT_FRACTION * data.get('train_per_class', 144))))
@@ -73,20 +74,20 @@ def run_demo(data_dir: Optional[str] = None, output_dir: str = 'runs/demo', epoc
     for label, raw in configs.items():
         cfg = from_dict(raw)
         cfg.trainer.run_name = label.replace('+', '_')
-        run_dir = os.path.join(output_dir, cfg.trainer.run_name)
-        summary_path = os.path.join(run_dir, 'summary.json')
-        if os.path.isfile(summary_path):  # a finished stage is reused, so the demo can be re-run cheaply
-            with open(os.path.join(run_dir, 'resolved.yaml')) as f:
+        run_dir = RunDir.of(cfg)
+        state = run_dir.state(cfg.trainer.epochs)
+        if state == FINISHED:  # a finished stage is reused, so the demo can be re-run cheaply
+            with open(run_dir.resolved) as f:
                 if yaml.safe_load(f) != to_dict(cfg):
-                    raise DistillError(f"{run_dir} holds a demo run with other settings; pass --output <new dir>")
-            print(f"[{label}] reusing finished run {run_dir}")
-            trainer_summary = json.load(open(summary_path))
+                    raise DistillError(f"{run_dir.path} holds a demo run with other settings; pass --output <new dir>")
+            print(f"[{label}] reusing finished run {run_dir.path}")
+            with open(run_dir.summary) as f:
+                trainer_summary = json.load(f)
         else:
             print(f"[{label}] training {cfg.student.name}" + (f" with teacher {cfg.teacher.name}" if cfg.teacher else ''))
-            resume = os.path.isfile(os.path.join(run_dir, 'checkpoints', 'last.pt'))
-            trainer_summary = Trainer(cfg, resume=resume, quiet=True).fit()
+            trainer_summary = Trainer(cfg, resume=state == INTERRUPTED, quiet=True).fit()
         summaries[label] = trainer_summary
-        with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        with open(run_dir.metrics) as f:
             histories[label] = [json.loads(line) for line in f]
     plot_path = os.path.join(output_dir, 'demo_curves.png')
     plot_curves(histories, plot_path)

@@ -1,13 +1,18 @@
-"""The distillation engine: a frozen teacher, a trainable student and a weighted sum of named loss terms."""
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+"""The distillation engine: a frozen teacher, a trainable student and a weighted sum of named loss terms.
+
+One step is ``Distiller.forward(batch: Batch, epoch)``; nothing about a method is known here beyond what its
+term declares (``requires_teacher``, ``needs``, feature taps, a pre-stage).
+"""
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .data.batching import Batch
 from .errors import DistillError
 from .features import FeatureExtractor, probe_shapes
-from .losses import LossTerm, SetupContext, StepOutputs, create_loss
-from .losses.base import STRONG_VIEW
+from .losses import LossTerm, Need, SetupContext, StepOutputs, create_loss
+from .teachers import CachedTeacher, as_teacher
 
 # A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
 LossSpec = Union[float, Dict[str, Any], Tuple[float, LossTerm]]
@@ -38,15 +43,18 @@ def build_loss_terms(losses: Mapping[str, LossSpec]) -> Tuple[nn.ModuleDict, Dic
 class Distiller(nn.Module):
     """Pairs a teacher and a student (any timm models, any families) and computes the training loss.
 
-    The teacher is frozen: no gradients, always in eval mode (also after ``.train()``), run under
-    ``torch.no_grad()``, so its BatchNorm statistics never change. With ``teacher=None`` the student trains
-    alone through the same code path (the baseline). ``forward`` returns ``{'loss', 'logits', 'terms'}`` where
-    ``terms`` holds each weighted term (detached) for logging.
+    ``teacher`` is a ``LiveTeacher``, a ``CachedTeacher`` (see ``distill.teachers``), a plain model (run live) or
+    None (the student trains alone through the same code path: the baseline). ``losses`` maps registered loss
+    names to weights or options. ``freezer`` (a ``transfer.StageFreezer``) keeps a partly frozen student's frozen
+    BatchNorm layers in eval mode. Each term's ``needs`` are checked once, here.
+
+    ``forward(batch, epoch)`` returns ``{'loss', 'logits', 'terms'}`` where ``terms`` holds each weighted term
+    (detached) for logging.
     """
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module,
                  losses: Mapping[str, LossSpec] = (('ce', 1.0),), input_size: Optional[Sequence[int]] = None,
-                 train_targets: Optional[torch.Tensor] = None):
+                 train_targets: Optional[torch.Tensor] = None, freezer: Optional[Any] = None):
         super().__init__()
         self.student = student
         self.loss_terms, self.loss_weights = build_loss_terms(dict(losses))
@@ -58,95 +66,85 @@ class Distiller(nn.Module):
         if needs_teacher and teacher is None:
             raise DistillError(f"loss terms {needs_teacher} need a teacher; configure teacher.name (and "
                                f"teacher.checkpoint) or drop them to train the student alone")
-        self.teacher = teacher
-        self.freezer = None  # a transfer.StageFreezer when the student is partly frozen (set by the trainer)
-        self.teacher_cache = None  # a teacher_cache.TeacherCache: teacher logits looked up by (index, view)
+        self.teacher = as_teacher(teacher)
+        self.freezer = freezer
         self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
-        self.needs_strong_view = any(STRONG_VIEW in self.loss_terms[name].needs for name in self.main_terms)
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
         self._setup_terms(input_size, train_targets)
+        self.needs = self._check_needs()
 
     def _setup_terms(self, input_size: Optional[Sequence[int]], train_targets: Optional[torch.Tensor]) -> None:
         """One extractor per model over the union of every term's taps; one dry run sizes the adapters."""
+        teacher_model = self.teacher.model if self.teacher is not None else None
         for term in self.loss_terms.values():
-            term.resolve_layers(self.student, self.teacher)
+            term.resolve_layers(self.student, teacher_model)
         student_layers = _unique(layer for term in self.loss_terms.values() for layer in term.student_layers)
         teacher_layers = _unique(layer for term in self.loss_terms.values() for layer in term.teacher_layers)
         if teacher_layers and self.teacher is None:
             raise DistillError(f"loss terms read teacher features {teacher_layers} but no teacher is configured")
         self.student_extractor = FeatureExtractor(self.student, student_layers)
-        self.teacher_extractor = FeatureExtractor(self.teacher, teacher_layers) if self.teacher is not None else None
         context = SetupContext(num_classes=getattr(self.student, 'num_classes', None), train_targets=train_targets,
-                               student=self.student, teacher=self.teacher)
+                               student=self.student, teacher=teacher_model)
         if student_layers or teacher_layers:
             input_size = tuple(input_size or getattr(self.student, 'pretrained_cfg', {}).get('input_size',
                                                                                            (3, 224, 224)))
             context.student_shapes = dict(zip(student_layers, probe_shapes(self.student_extractor, input_size)))
             if teacher_layers:
-                context.teacher_shapes = dict(zip(teacher_layers, probe_shapes(self.teacher_extractor, input_size)))
+                context.teacher_shapes = dict(zip(teacher_layers, probe_shapes(
+                    FeatureExtractor(teacher_model, teacher_layers), input_size)))
+        if self.teacher is not None:
+            self.teacher.watch(teacher_layers)
         for term in self.loss_terms.values():
             term.setup(context)
 
+    def _check_needs(self) -> FrozenSet[Need]:
+        """The union of the terms' needs, after checking each term declares what it reads."""
+        for name, term in self.loss_terms.items():
+            if term.teacher_layers and Need.TEACHER_FEATURES not in term.needs:
+                raise DistillError(f"loss term '{name}' reads teacher features but does not declare "
+                                   f"Need.TEACHER_FEATURES in its needs")
+            if term.pre_stage_epochs and Need.PRE_STAGE not in term.needs:
+                raise DistillError(f"loss term '{name}' has a pre-stage but does not declare Need.PRE_STAGE")
+        needs = frozenset(need for term in self.loss_terms.values() for need in term.needs)
+        if isinstance(self.teacher, CachedTeacher) and Need.STRONG_VIEW in needs:
+            raise DistillError("a teacher cache cannot serve a RandAugment view (MLKD): it has no finite set of "
+                               "views to cache; set teacher_cache.enabled=false")
+        return needs
+
     def train(self, mode: bool = True) -> 'Distiller':
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        super().train(mode)  # the teacher keeps itself in eval mode
         if mode and self.freezer is not None:  # frozen BatchNorm layers keep their pretrained statistics
             self.freezer.set_eval_modes()
         return self
-
-    def teacher_cache_blocker(self) -> Optional[str]:
-        """Why teacher logits looked up by (image, view) would not give these terms what a live teacher gives,
-        or None when a cache is exact."""
-        if not self.uses_teacher:
-            return "no loss term uses the teacher"
-        feature_terms = [name for name, term in self.loss_terms.items() if term.teacher_layers]
-        if feature_terms:
-            return f"loss terms {feature_terms} read teacher features, and the cache holds logits only"
-        if self.needs_strong_view:
-            return "a RandAugment view (MLKD) has no finite set of views to cache"
-        return None
 
     def trainable_modules(self) -> nn.ModuleDict:
         """The modules the optimizer updates and checkpoints save: the student and the loss terms' own
         parameters (adapters), never the teacher."""
         return nn.ModuleDict({'student': self.student, 'loss_terms': self.loss_terms})
 
-    def _step_outputs(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor],
-                      epoch: int, run_teacher: bool, views: Optional[torch.Tensor] = None) -> StepOutputs:
-        """One teacher forward (no grad; a cache lookup where a teacher cache is set) and one student forward,
-        with every tap any term asked for."""
-        teacher_logits, teacher_features = None, []
-        if run_teacher:
-            with torch.no_grad():
-                if self.teacher_cache is not None:
-                    if indices is None or views is None:
-                        raise DistillError("a teacher cache looks logits up by sample index and view: pass "
-                                           "indices= and views= (distill.Trainer does)")
-                    teacher_logits = self.teacher_cache.lookup(indices, views, images, self.teacher)
-                else:
-                    teacher_logits, teacher_features = self.teacher_extractor(images)
-        student_logits, student_features = self.student_extractor(images)
+    def _step_outputs(self, batch: Batch, epoch: int, run_teacher: bool) -> StepOutputs:
+        """One teacher forward (no grad; a cache lookup for a ``CachedTeacher``) and one student forward, with
+        every tap any term asked for."""
+        if Need.SAMPLE_INDICES in self.needs and batch.indices is None:
+            raise DistillError("a loss term needs each sample's index in the training split: give the Batch "
+                               "indices (distill's loaders do)")
+        teacher_logits, teacher_features = self.teacher(batch) if run_teacher else (None, {})
+        student_logits, student_features = self.student_extractor(batch.images)
         return StepOutputs(
-            student_logits=student_logits, targets=targets, teacher_logits=teacher_logits, indices=indices,
-            epoch=epoch, student_features=dict(zip(self.student_extractor.keys, student_features)),
-            teacher_features=dict(zip(self.teacher_extractor.keys, teacher_features)) if teacher_features else {})
+            student_logits=student_logits, targets=batch.labels, teacher_logits=teacher_logits,
+            indices=batch.indices, epoch=epoch, student_features=dict(zip(self.student_extractor.keys,
+                                                                          student_features)),
+            teacher_features=teacher_features)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                epoch: int = 0, strong_images: Optional[torch.Tensor] = None,
-                views: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-        step = self._step_outputs(images, targets, indices, epoch, self.uses_teacher, views)
-        if self.needs_strong_view:
-            if strong_images is None:
+    def forward(self, batch: Batch, epoch: int = 0) -> Dict[str, Any]:
+        step = self._step_outputs(batch, epoch, self.uses_teacher)
+        if Need.STRONG_VIEW in self.needs:
+            if batch.strong is None:
                 raise DistillError("a loss term needs a strongly augmented view of each batch; train through "
-                                   "distill.Trainer or pass strong_images= to the Distiller")
+                                   "distill.Trainer or give the Batch a strong view")
             # separate forward passes, as the reference: the student's BatchNorm sees each view's own statistics
-            step.student_logits_strong = self.student(strong_images)
+            step.student_logits_strong = self.student(batch.strong)
             if self.uses_teacher:
-                with torch.no_grad():
-                    step.teacher_logits_strong = self.teacher(strong_images)
+                step.teacher_logits_strong = self.teacher.logits(batch.strong)
         weighted = {name: self.loss_weights[name] * self.loss_terms[name](step) for name in self.main_terms}
         return {'loss': sum(weighted.values()), 'logits': step.student_logits,
                 'terms': {name: value.detach() for name, value in weighted.items()}}
@@ -155,11 +153,23 @@ class Distiller(nn.Module):
         """Terms whose pre-stage still runs at pre-stage epoch ``epoch`` (0-based)."""
         return [name for name, term in self.loss_terms.items() if epoch < term.pre_stage_epochs]
 
-    def pre_stage_forward(self, images: torch.Tensor, targets: torch.Tensor, indices: Optional[torch.Tensor],
-                          epoch: int) -> Dict[str, Any]:
+    def pre_stage_groups(self, lr: float) -> Tuple[List[Dict[str, Any]], List[nn.Module]]:
+        """Optimizer parameter groups of the pre-stage (one per term, at its ``pre_stage_lr`` or ``lr``) and the
+        modules it trains."""
+        groups, trained, seen = [], [], set()
+        for name in self.pre_stage_terms(0):
+            term = self.loss_terms[name]
+            modules = list(term.pre_stage_modules(self.student))
+            params = [p for m in modules for p in m.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            groups.append({'params': params, 'lr': term.pre_stage_lr or lr})
+            trained += modules
+        return groups, trained
+
+    def pre_stage_forward(self, batch: Batch, epoch: int) -> Dict[str, Any]:
         """The pre-stage loss: the unweighted sum of each active term's ``pre_stage_loss``."""
         names = self.pre_stage_terms(epoch)
-        step = self._step_outputs(images, targets, indices, epoch, self.teacher is not None)
+        step = self._step_outputs(batch, epoch, self.teacher is not None)
         terms = {name: self.loss_terms[name].pre_stage_loss(step) for name in names}
         return {'loss': sum(terms.values()), 'terms': {name: value.detach() for name, value in terms.items()}}
 

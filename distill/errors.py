@@ -6,3 +6,10 @@ class DistillError(Exception):
 
     The message names the problem and the fix on one line; no traceback is shown for it.
     """
+
+
+def nearest(name: str, choices, prefix: str = '') -> str:
+    """' (did you mean PREFIX+X?)' for the closest X of ``choices``, or '' when none is close."""
+    import difflib
+    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ''

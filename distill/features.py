@@ -12,8 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import DistillError
-from .losses.base import nearest
+from .errors import DistillError, nearest
 
 TapLayer = Union[int, str]
 PRE_LOGITS = 'pre_logits'

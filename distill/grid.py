@@ -14,7 +14,6 @@ epochs is skipped; one with ``checkpoints/last.pt`` resumes; others start. ``dis
 summarises the grid.
 """
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import yaml
 
 from .config import load_config
 from .errors import DistillError
+from .run_dir import RunDir
 
 
 def plan(grid_path: str) -> List[Tuple[str, List[str], str]]:
@@ -59,12 +59,8 @@ def plan(grid_path: str) -> List[Tuple[str, List[str], str]]:
 
 def state(recipe: str, overrides: List[str], run_dir: str) -> str:
     """'finished', 'interrupted' or 'new'."""
-    summary = os.path.join(run_dir, 'summary.json')
-    if os.path.isfile(summary):
-        epochs = load_config(recipe, overrides).trainer.epochs
-        if json.load(open(summary)).get('epochs', 0) >= epochs:
-            return 'finished'
-    return 'interrupted' if os.path.isfile(os.path.join(run_dir, 'checkpoints', 'last.pt')) else 'new'
+    cfg = load_config(recipe, overrides)
+    return RunDir.of(cfg).state(cfg.trainer.epochs)
 
 
 def run_grid(grid_path: str, parallel: int = 1, dry_run: bool = False) -> Dict[str, int]:

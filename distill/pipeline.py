@@ -11,13 +11,13 @@ Stage 1 runs under a file lock, so the parallel runs of a grid that share a teac
 import contextlib
 import copy
 import fcntl
-import json
 import os
 from typing import Any, Dict, Iterator, Tuple
 
 from .config import Config, ModelConfig, from_dict, load_config, to_dict
 from .errors import DistillError
-from .trainer import Trainer, config_changes
+from .run_dir import FINISHED, INTERRUPTED, RunDir
+from .trainer import Trainer
 
 
 def stage_configs(cfg: Config) -> Tuple[Config, Config]:
@@ -34,12 +34,8 @@ def stage_configs(cfg: Config) -> Tuple[Config, Config]:
     first = from_dict(stage1)
     stage2 = copy.deepcopy(base)
     stage2['teacher'] = to_dict(ModelConfig(name=cfg.teacher.name, kwargs=cfg.teacher.kwargs,
-                                            checkpoint=os.path.join(_run_dir(first), 'student_best.safetensors')))
+                                            checkpoint=RunDir.of(first).student_weights('best')))
     return first, from_dict(stage2)
-
-
-def _run_dir(cfg: Config) -> str:
-    return os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
 
 
 @contextlib.contextmanager
@@ -57,20 +53,16 @@ def _locked(run_dir: str) -> Iterator[None]:
 def ensure_trained(cfg: Config, what: str, quiet: bool = False) -> str:
     """Train ``cfg`` unless a finished run with the same config exists (an interrupted one resumes); returns its
     ``student_best.safetensors``."""
-    run_dir = _run_dir(cfg)
-    with _locked(run_dir):
-        summary = os.path.join(run_dir, 'summary.json')
-        finished = os.path.isfile(summary) and json.load(open(summary)).get('epochs', 0) >= cfg.trainer.epochs
-        if finished:
-            changes = config_changes(to_dict(load_config(os.path.join(run_dir, 'resolved.yaml'))), to_dict(cfg))
-            if changes:
-                raise DistillError(f"{run_dir} holds a finished {what} with another config "
-                                   f"({'; '.join(changes[:3])}); delete it or change trainer.run_name")
+    run_dir = RunDir.of(cfg)
+    with _locked(run_dir.path):
+        state = run_dir.state(cfg.trainer.epochs)
+        if state == FINISHED:
+            run_dir.check_reusable(cfg, what)
             if not quiet:
-                print(f"{what} already done: {run_dir}")
+                print(f"{what} already done: {run_dir.path}")
         else:  # a first run, or one interrupted (or asked for more epochs): resume where it stopped
-            Trainer(cfg, resume=os.path.isfile(os.path.join(run_dir, 'checkpoints', 'last.pt')), quiet=quiet).fit()
-    return os.path.join(run_dir, 'student_best.safetensors')
+            Trainer(cfg, resume=state == INTERRUPTED, quiet=quiet).fit()
+    return run_dir.student_weights('best')
 
 
 def run(cfg: Config, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:

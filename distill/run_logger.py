@@ -1,28 +1,20 @@
 """Where a run's numbers go: stdout + ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``summary.json``, and
 Weights & Biases through the real ``wandb`` library (``online``, ``offline`` or ``disabled``)."""
 import json
-import os
 from typing import Any, Dict, List, Optional
 
 from .config import WandbConfig
 from .errors import DistillError
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+from .files import atomic_write_json, atomic_write_text
+from .run_dir import RunDir
 
 
 class RunLogger:
-    def __init__(self, run_dir: str, wandb_cfg: WandbConfig, config: Dict[str, Any], run_name: str,
+    def __init__(self, run_dir: RunDir, wandb_cfg: WandbConfig, config: Dict[str, Any], run_name: str,
                  wandb_id: Optional[str] = None, quiet: bool = False):
         self.run_dir, self.quiet = run_dir, quiet
-        self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-        self.log_file = open(os.path.join(run_dir, 'log.txt'), 'a')
+        self.metrics_path = run_dir.metrics
+        self.log_file = open(run_dir.log, 'a')
         self.wandb_run = None
         if wandb_cfg.mode != 'disabled':
             try:
@@ -32,7 +24,7 @@ class RunLogger:
                                    "set wandb.mode=disabled") from None
             self.wandb_run = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
-                tags=wandb_cfg.tags, config=config, dir=run_dir, mode=wandb_cfg.mode,
+                tags=wandb_cfg.tags, config=config, dir=run_dir.path, mode=wandb_cfg.mode,
                 id=wandb_id, resume='allow' if wandb_id else None)
 
     @property
@@ -48,10 +40,7 @@ class RunLogger:
     def rewrite_history(self, history: List[Dict[str, Any]]) -> None:
         """On resume, metrics.jsonl is rewritten from the checkpoint so it never holds epochs the checkpoint
         does not (a kill between the two writes would otherwise duplicate an epoch)."""
-        tmp_path = self.metrics_path + '.tmp'
-        with open(tmp_path, 'w') as f:
-            f.writelines(json.dumps(record) + '\n' for record in history)
-        os.replace(tmp_path, self.metrics_path)
+        atomic_write_text(self.metrics_path, ''.join(json.dumps(record) + '\n' for record in history))
 
     def log_epoch(self, record: Dict[str, Any]) -> None:
         with open(self.metrics_path, 'a') as f:
@@ -61,7 +50,7 @@ class RunLogger:
 
     def finish(self, summary: Optional[Dict[str, Any]] = None) -> None:
         if summary is not None:
-            write_json_atomic(os.path.join(self.run_dir, 'summary.json'), summary)
+            atomic_write_json(self.run_dir.summary, summary)
             if self.wandb_run is not None:
                 self.wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         if self.wandb_run is not None:

@@ -127,3 +127,18 @@ class TeacherCache:
     @property
     def fill_ratio(self) -> float:
         return self.filled_count / self.capacity
+
+
+def open_teacher_cache(teacher: torch.nn.Module, loader, num_classes: int, settings: Dict[str, Any],
+                       meta: Dict[str, Any], root: Optional[str], dtype: str,
+                       device: torch.device) -> TeacherCache:
+    """The table of ``teacher`` on ``loader``'s training split (an in-memory loader with a finite view set),
+    under ``root`` (default ``$DISTILL_CACHE/teacher_logits``) in a folder named by the hash of everything the
+    logits depend on: weights, images, labels, augmentation, normalisation and ``settings`` (precision, ...)."""
+    from .data import cache_dir
+    settings = {**settings, 'padding': loader.padding, 'mean': loader.mean.flatten().tolist(),
+                'std': loader.std.flatten().tolist(), 'dtype': dtype, 'version': 1}
+    key = cache_key(teacher, loader.split.images, loader.split.labels, settings)
+    root = os.path.expanduser(root or os.path.join(cache_dir(), 'teacher_logits'))
+    return TeacherCache(os.path.join(root, key), len(loader.split), loader.num_views, num_classes, dtype, device,
+                        meta={**settings, **meta})

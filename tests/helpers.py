@@ -1,7 +1,10 @@
-"""Small real-data configs shared by the tests (scikit-learn digits, 8x8, no download)."""
+"""Shared by the tests: small real-data configs (scikit-learn digits, 8x8, no download) and the inputs and check of
+the loss reference tests."""
 import copy
 import os
 from typing import Any, Dict
+
+import torch
 
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpeg')
 
@@ -27,3 +30,40 @@ def digits_config(output_dir, run_name='run', epochs=3, **sections: Dict[str, An
 
 def strip_times(records):
     return [{k: v for k, v in r.items() if k != 'epoch_time'} for r in records]
+
+
+def assert_matches_reference(ours, reference, student_inputs, teacher_inputs, *extra, rtol=1e-5, grad_rtol=1e-4):
+    """``ours`` equals ``reference`` (a transcription of the official code) in value and in the gradient with
+    respect to every student input: float32 scalars, positive, with non-zero reference gradients.
+
+    ``student_inputs`` is a tensor or a list of tensors (each gets ``requires_grad``); ``teacher_inputs`` and
+    ``extra`` are passed as they are: ``fn(student, teacher, *extra)``."""
+    import torch
+    listed = isinstance(student_inputs, (list, tuple))
+    values, grads = [], []
+    for fn in (ours, reference):
+        inputs = [x.clone().requires_grad_() for x in (student_inputs if listed else [student_inputs])]
+        value = fn(inputs if listed else inputs[0], teacher_inputs, *extra)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, inputs))
+    assert values[0].ndim == 0 and values[0].dtype == torch.float32
+    assert values[0].item() > 0
+    torch.testing.assert_close(values[0], values[1].reshape(()), rtol=rtol, atol=1e-7)
+    for ours_grad, reference_grad in zip(*grads):
+        assert reference_grad.abs().sum() > 0
+        torch.testing.assert_close(ours_grad, reference_grad, rtol=grad_rtol, atol=1e-8)
+    return values[0]
+
+
+def random_maps(gen, *shapes):
+    """One standard-normal tensor per shape, drawn in order from ``gen`` (inputs of the loss reference tests)."""
+    return [torch.randn(*shape, generator=gen) for shape in shapes]
+
+
+def random_logits(gen):
+    """A (student, teacher) pair of 8 x 10 logits with std 3, drawn in order from ``gen``; ``TARGETS`` are their
+    labels."""
+    return [3 * torch.randn(8, 10, generator=gen), 3 * torch.randn(8, 10, generator=gen)]
+
+
+TARGETS = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])  # the labels of random_logits' 8 rows

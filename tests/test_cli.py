@@ -40,6 +40,7 @@ def finished_run(tmp_path_factory):
     return root, recipe
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_runs_final_accuracy(finished_run, capsys):
     root, _ = finished_run
     summary = yaml.safe_load(open(root / 'runs' / 'base' / 'summary.json'))
@@ -119,6 +120,7 @@ def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
     _expect_error(capsys, ['train', recipe], 'classifier has 100 classes but the data has 10')
 
 
+@pytest.mark.slow
 def test_resume_errors_leave_the_run_untouched(finished_run, capsys):
     root, recipe = finished_run
     run_dir = root / 'runs' / 'base'
@@ -130,6 +132,7 @@ def test_resume_errors_leave_the_run_untouched(finished_run, capsys):
     assert tree_digest(run_dir) == before
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_one_line_errors(finished_run, tmp_path, capsys):
     root, recipe = finished_run
     broken = tmp_path / 'broken.pt'
@@ -142,6 +145,7 @@ def test_corrupt_checkpoints_are_one_line_errors(finished_run, tmp_path, capsys)
                   '--model NAME is required')
 
 
+@pytest.mark.slow
 def test_real_process_exit_code_and_clean_stderr(tmp_path):
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
     result = subprocess.run([sys.executable, '-m', 'distill', 'train', recipe, 'data.batch_size=0'],

@@ -84,7 +84,7 @@ def test_imagefolder_on_shared_cifar10_decodes_once_and_caches(tmp_path, monkeyp
 def test_every_randaugment_operation_accepts_its_whole_range_on_uint8_images():
     """The MLKD strong view draws each magnitude uniformly in [low, high): every operation must accept both ends
     (a solarize threshold above 255 once crashed a run; in PIL's sense it inverts nothing)."""
-    from distill.randaugment import OPERATIONS, rand_augment
+    from distill.data.randaugment import OPERATIONS, rand_augment
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     for name, operation, low, high in OPERATIONS:
         for value in (low, (low + high) / 2, high - 1e-3):

@@ -69,6 +69,7 @@ def _teacher_fn(tmp_path):
     return teacher.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])
 @torch.no_grad()
 def test_cached_logits_equal_the_live_teacher_for_the_same_views(tmp_path, dtype):
@@ -107,6 +108,7 @@ def test_cached_logits_equal_the_live_teacher_for_the_same_views(tmp_path, dtype
     assert other.filled_count == 0
 
 
+@pytest.mark.slow
 def test_kd_with_the_teacher_cache_trains_like_the_live_teacher_and_later_runs_skip_it(tmp_path):
     teacher_path = teacher_weights(tmp_path)
     cache = {'enabled': True, 'dir': str(tmp_path / 'cache'), 'dtype': 'float32'}
@@ -124,12 +126,12 @@ def test_kd_with_the_teacher_cache_trains_like_the_live_teacher_and_later_runs_s
                                          trainer={'seed': 1})), quiet=True)
     assert 'teacher cache' in ' '.join(second.model_notes) and f"{100 * filled[1]:.1f}% filled" in second.model_notes[-1]
     second.fit()
-    assert second.teacher_cache.computed < len(second.data.train.split) * (1 - filled[1]) + 200
+    assert second.distiller.teacher.cache.computed < len(second.data.train.split) * (1 - filled[1]) + 200
     # without augmentation there is one view: after one epoch the teacher never runs again
     plain = Trainer(from_dict(kd_config(tmp_path, 'plain', teacher_path, epochs=2, teacher_cache=cache,
                                         data={'augment': 'none'})), quiet=True)
     plain.fit()
-    assert plain.teacher_cache.computed == len(plain.data.train.split) and plain.teacher_cache.fill_ratio == 1.0
+    assert plain.distiller.teacher.cache.computed == len(plain.data.train.split) and plain.distiller.teacher.cache.fill_ratio == 1.0
 
 
 @pytest.mark.parametrize('losses, reason', [
@@ -144,6 +146,7 @@ def test_the_teacher_cache_refuses_what_it_cannot_reproduce(tmp_path, losses, re
         Trainer(from_dict(cfg), quiet=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('setting', [{'trainer': {'channels_last': True}}, {'optimizer': {'fused': True}},
                                      {'trainer': {'check_finite_every': 7}}])
 def test_fast_settings_change_nothing_on_cpu_beyond_tolerance(tmp_path, setting):
@@ -169,6 +172,7 @@ def test_a_deferred_finite_check_still_names_the_first_bad_step(tmp_path):
     assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / 'last.pt')
 
 
+@pytest.mark.slow
 def test_compile_computes_what_eager_computes_on_cpu(tmp_path):
     """One training step of a compiled student equals the eager one (loss and gradients); a compiled run through
     the trainer learns. (Whole runs drift apart as any change of summation order makes them.)"""
@@ -186,10 +190,11 @@ def test_compile_computes_what_eager_computes_on_cpu(tmp_path):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
     trainer = Trainer(from_dict(digits_config(tmp_path, 'compiled', epochs=1, trainer={'compile': True})),
                       quiet=True)
-    assert trainer.fit()['last_top1'] > 30 and trainer.compiled
+    assert trainer.fit()['last_top1'] > 30 and trainer.forward.active
     assert 'compiled' in open(tmp_path / 'compiled' / 'log.txt').read()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """gloo on CPU: a LayerNorm student (per-sample arithmetic, unlike BatchNorm) distilled from a CNN teacher; two
     ranks each take half of every global batch, so the run equals one process up to summation order."""
@@ -265,6 +270,7 @@ def test_streamed_image_folder_trains_with_imagenet_augmentation_and_a_seeded_or
         Trainer(from_dict(cached), quiet=True)
 
 
+@pytest.mark.slow
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
     trainer = Trainer(from_dict(digits_config(tmp_path, 'fallback', epochs=1, trainer={'compile': True})),
                       quiet=True)
@@ -273,6 +279,6 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
         raise RuntimeError('backend compiler failed')
     trainer.distiller.student._compiled_call_impl = broken_compiled_call  # what a compiler failure looks like
     summary = trainer.fit()
-    assert summary['epochs'] == 1 and not trainer.compiled and summary['last_top1'] > 20
+    assert summary['epochs'] == 1 and not trainer.forward.active and summary['last_top1'] > 20
     assert 'torch.compile failed (RuntimeError: backend compiler failed); training eagerly' in \
         open(tmp_path / 'fallback' / 'log.txt').read()

@@ -37,6 +37,7 @@ def make_teacher_weights(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_fixed_seed_gives_bit_identical_metrics_and_all_run_files(tmp_path):
     summaries = [Trainer(from_dict(digits_config(tmp_path, f'run{i}', epochs=2)), quiet=True).fit() for i in range(2)]
     first, second = (read_metrics(tmp_path / f'run{i}') for i in range(2))
@@ -77,6 +78,7 @@ def _distill(*args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
     """A KD run is SIGKILLed after its second epoch, resumed with --resume, and must end with the same
     metrics, history and weights as the same run done in one go."""
@@ -134,7 +136,7 @@ def test_resume_refuses_an_incompatible_config_and_a_corrupt_checkpoint(tmp_path
 
 ATOMIC_WRITER = """
 import sys, torch
-from distill.checkpoint import atomic_save
+from distill.files import atomic_save
 atomic_save({'model': {'w': torch.ones(3)}, 'epoch': 1}, sys.argv[1])
 print('first', flush=True)
 while True:
@@ -142,6 +144,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_atomic_checkpoint_survives_a_kill_during_writing(tmp_path):
     target = tmp_path / 'last.pt'
     proc = subprocess.Popen([sys.executable, '-c', ATOMIC_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
@@ -156,6 +159,7 @@ def test_atomic_checkpoint_survives_a_kill_during_writing(tmp_path):
     assert checkpoint['model']['w'].numel() == (3 if checkpoint['epoch'] == 1 else 60_000_000)
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_a_run_with_the_logged_metrics(tmp_path, monkeypatch):
     pytest.importorskip('wandb')
     monkeypatch.setenv('WANDB_SILENT', 'true')
@@ -190,6 +194,7 @@ class NanAfter(LossTerm):
         return value + float('nan') if self.calls > self.step else value
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
     steps_per_epoch = 23  # 1437 digits / 64
     cfg = digits_config(tmp_path, epochs=3, losses={'ce': 1.0, 'test_nan_after': {'step': steps_per_epoch + 4}})
@@ -203,6 +208,7 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
     assert len(read_metrics(tmp_path / 'run')) == 1
 
 
+@pytest.mark.slow
 def test_bf16_trains_on_cpu_and_fp16_is_refused(tmp_path):
     summary = Trainer(from_dict(digits_config(tmp_path, 'bf16', epochs=1, trainer={'precision': 'bf16'})),
                       quiet=True).fit()
@@ -224,6 +230,7 @@ def test_cuda_precisions_train(tmp_path, precision):
     assert trainer.scaler.is_enabled() == (precision == 'fp16')
 
 
+@pytest.mark.slow
 def test_step_and_cosine_schedules_follow_the_recipe(tmp_path):
     cfg = digits_config(tmp_path, 'step', epochs=4, optimizer={'lr': 0.1},
                         scheduler={'name': 'multistep', 'milestones': [1, 3], 'decay_rate': 0.1})
@@ -236,6 +243,7 @@ def test_step_and_cosine_schedules_follow_the_recipe(tmp_path):
     assert lrs[0] == pytest.approx(0.001) and lrs[1] > lrs[2] > lrs[3] > 0
 
 
+@pytest.mark.slow
 def test_kd_beats_the_student_alone_on_real_digits(tmp_path):
     summaries = run_demo(output_dir=str(tmp_path), epochs=20, seed=0)
     teacher, student, kd = (summaries[k]['best_top1'] for k in ('teacher', 'student', 'student+KD'))

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 import distill  # noqa: F401
 from distill import DistillError
-from distill.checkpoint import atomic_save, load_checkpoint
+from distill.checkpoint import load_checkpoint
+from distill.files import atomic_save
 from distill.config import ModelConfig, TransferConfig, from_dict
 from distill.trainer import Trainer, create_model
 from distill.transfer import StageFreezer, layer_groups, replace_head

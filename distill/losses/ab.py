@@ -14,7 +14,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, register_loss, stages_after_stem, student_body
+from .base import (Need, PairedStagesLoss, StepOutputs, fp32_loss, register_loss, stages_after_stem,
+                   student_body)
 from .fitnet import ConvRegressor
 from ..features import PREACT
 
@@ -35,7 +36,7 @@ def ab_loss(student_features: List[torch.Tensor], teacher_features: List[torch.T
 class ABLoss(PairedStagesLoss):
     paper = 'Heo et al., AAAI 2019'
     default_weight = 1.0
-    needs = ('preact features', 'adapters', 'pre-stage')
+    needs = frozenset({Need.TEACHER_FEATURES, Need.PRE_STAGE})
     main_stage = False
 
     def __init__(self, margin: float = 1.0, pre_stage_epochs: int = 30):

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
+from .base import Need, PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -27,7 +27,7 @@ def at_loss(student_features: List[torch.Tensor], teacher_features: List[torch.T
 class ATLoss(PairedStagesLoss):
     paper = 'Zagoruyko & Komodakis, ICLR 2017'
     default_weight = 1000.0
-    needs = ('features',)
+    needs = frozenset({Need.TEACHER_FEATURES})
 
     def __init__(self, p: float = 2.0, student_layers: Optional[Sequence[Union[int, str]]] = None,
                  teacher_layers: Optional[Sequence[Union[int, str]]] = None):

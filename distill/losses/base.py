@@ -4,21 +4,27 @@ The engine never names a method: it builds each configured term from this regist
 needs the teacher, and sums ``weight * term(step)``.
 """
 import collections.abc
-import difflib
+import enum
 import functools
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DistillError
+from ..errors import DistillError, nearest
 
 
-STRONG_VIEW = 'strong view'  # in LossTerm.needs: the loader adds a RandAugment view of each batch
+class Need(str, enum.Enum):
+    """What a loss term needs from the engine beyond logits and the labels; the engine checks the union once."""
+    TEACHER_FEATURES = 'teacher features'  # intermediate teacher features: a logit-only teacher cache cannot serve it
+    STRONG_VIEW = 'strong view'  # a RandAugment view of each batch, run through both models (no finite view set)
+    SAMPLE_INDICES = 'sample indices'  # each sample's position in the training split
+    PER_SAMPLE_STATE = 'per-sample state'  # state updated per training sample (memory banks): one process only
+    PRE_STAGE = 'pre-stage'  # trains its own modules before epoch 1 (pre_stage_epochs)
 
 
 @dataclass
@@ -32,7 +38,7 @@ class StepOutputs:
     # Features of every tap any term asked for, keyed by tap (stage index, module path or 'pre_logits').
     student_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
     teacher_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
-    # Logits on the batch's strongly augmented view, when a term needs one ('strong view' in LossTerm.needs).
+    # Logits on the batch's strongly augmented view, when a term needs one (Need.STRONG_VIEW).
     student_logits_strong: Optional[torch.Tensor] = None
     teacher_logits_strong: Optional[torch.Tensor] = None
 
@@ -52,19 +58,17 @@ class SetupContext:
 class LossTerm(nn.Module):
     """A thin module around a plain loss function.
 
-    ``requires_teacher`` tells the engine to run the teacher; ``student_layers`` / ``teacher_layers`` name the
-    feature taps the term reads from ``step.student_features`` / ``step.teacher_features`` (``resolve_layers``
+    ``requires_teacher`` tells the engine to run the teacher; ``needs`` declares what else it needs (checked once
+    by the engine: teacher features, a strong view, sample indices, per-sample state, a pre-stage);
+    ``student_layers`` / ``teacher_layers`` name the feature taps the term reads from ``step.student_features`` / ``step.teacher_features`` (``resolve_layers``
     may choose them per model). ``setup`` builds adapters from a ``SetupContext``; their parameters train with
     the student and are checkpointed, but are not part of the exported student.
     """
     requires_teacher: bool = False
     paper: str = ''  # the method's paper, for `distill methods`
     default_weight: float = 1.0  # the weight of the reference CIFAR-100 recipes
-    needs: Tuple[str, ...] = ()  # what the engine provides beyond logits: features, adapters, epoch, indices, labels
+    needs: FrozenSet[Need] = frozenset()  # what the engine must provide or refuse for it (see Need)
     pairs: str = 'any'  # which teacher/student pairs it supports ('any' includes CNN <-> ViT)
-    # False where the term keeps per-sample state updated by each rank's batch (CRD's memory banks), which DDP
-    # would not keep equal across ranks.
-    distributed: bool = True
     student_layers: Sequence[Union[int, str]] = ()
     teacher_layers: Sequence[Union[int, str]] = ()
     # A pre-stage (RepDistiller's ``init`` for FSP, FT, AB) trains ``pre_stage_modules`` on ``pre_stage_loss``
@@ -104,10 +108,10 @@ def list_losses() -> Dict[str, Type[LossTerm]]:
     return dict(_LOSSES)
 
 
-def nearest(name: str, choices, prefix: str = '') -> str:
-    """' (did you mean PREFIX+X?)' for the closest X of ``choices``, or '' when none is close."""
-    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ''
+def declared_needs(losses) -> FrozenSet[Need]:
+    """The union of the ``needs`` of the registered terms named in a losses config (before any is built), so data
+    can be prepared for them (e.g. a strong view) before the models exist."""
+    return frozenset(need for name in losses if name in _LOSSES for need in _LOSSES[name].needs)
 
 
 def create_loss(name: str, **options) -> LossTerm:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from ..features import PRE_LOGITS
 
 
@@ -35,7 +35,7 @@ def cc_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) ->
 class CCLoss(LossTerm):
     paper = 'Peng et al., ICCV 2019'
     default_weight = 0.02
-    needs = ('features', 'adapters')
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
     student_layers = teacher_layers = (PRE_LOGITS,)
 

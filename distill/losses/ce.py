@@ -25,7 +25,4 @@ class CrossEntropyLoss(LossTerm):
         self.label_smoothing = label_smoothing
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
-        loss = cross_entropy_loss(step.student_logits, step.targets, self.label_smoothing)
-        if step.student_logits_strong is not None:  # every view the student saw (MLKD trains on two)
-            loss = loss + cross_entropy_loss(step.student_logits_strong, step.targets, self.label_smoothing)
-        return loss
+        return cross_entropy_loss(step.student_logits, step.targets, self.label_smoothing)

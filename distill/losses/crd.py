@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import DistillError
 from ..features import PRE_LOGITS
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .cc import Embed
 
 EPS = 1e-7
@@ -90,9 +90,8 @@ class NegativeSampler(nn.Module):
 class CRDLoss(LossTerm):
     paper = 'Tian et al., ICLR 2020'
     default_weight = 0.8
-    needs = ('features', 'adapters', 'indices', 'labels')
+    needs = frozenset({Need.TEACHER_FEATURES, Need.SAMPLE_INDICES, Need.PER_SAMPLE_STATE})
     requires_teacher = True
-    distributed = False  # each rank would update the memory banks with its own samples only
     student_layers = teacher_layers = (PRE_LOGITS,)
 
     def __init__(self, embed_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,

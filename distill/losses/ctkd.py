@@ -44,7 +44,6 @@ def curriculum_lambda(epoch: int, curriculum_epochs: int = 10, lambda_max: float
 class CTKDLoss(LossTerm):
     paper = 'Li et al., AAAI 2023'
     default_weight = 0.9
-    needs = ('adapters', 'epoch')
     requires_teacher = True
 
     def __init__(self, temperature_min: float = 1.0, temperature_range: float = 20.0, lambda_max: float = 1.0,

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 
 
 class ConvRegressor(nn.Module):
@@ -51,7 +51,7 @@ def fitnet_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch
 class FitNetLoss(LossTerm):
     paper = 'Romero et al., ICLR 2015'
     default_weight = 100.0
-    needs = ('features', 'adapters')
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = 2, teacher_layer: Union[int, str] = 2):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DistillError
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss, student_body
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss, student_body
 from ..features import feature_info_list
 
 
@@ -43,7 +43,7 @@ def fsp_loss(student_features: List[torch.Tensor], teacher_features: List[torch.
 class FSPLoss(LossTerm):
     paper = 'Yim et al., CVPR 2017'
     default_weight = 50.0
-    needs = ('features', 'pre-stage')
+    needs = frozenset({Need.TEACHER_FEATURES, Need.PRE_STAGE})
     pairs = 'equal channels per stage'
     requires_teacher = True
     main_stage = False

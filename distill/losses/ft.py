@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from typing import Optional
 
-from .base import LossTerm, StepOutputs, fp32_loss, pool_to_smaller, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, pool_to_smaller, register_loss
 
 
 def _conv_stack(channels, transpose: bool = False, batch_norm: bool = False) -> nn.Sequential:
@@ -52,7 +52,7 @@ def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p1: floa
 class FTLoss(LossTerm):
     paper = 'Kim et al., NeurIPS 2018'
     default_weight = 200.0
-    needs = ('features', 'adapters', 'pre-stage')
+    needs = frozenset({Need.TEACHER_FEATURES, Need.PRE_STAGE})
     requires_teacher = True
     student_layers = teacher_layers = (-1,)
 

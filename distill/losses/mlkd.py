@@ -10,9 +10,11 @@ Follows the official code (MLKD ``mdistiller/distillers/MLKD.py``, also in the l
 including what it actually computes where it differs from the paper: the gates multiply batch-mean losses, so
 each weak-view term is scaled by the *fraction* of samples (classes) at or below the median rather than masking
 samples; the strong-view KD sum uses the weak-view logits at temperatures 2 and 6; the strong-view cc and bc
-terms are computed there but not added to the loss, so they are omitted here. The student's cross-entropy covers
-both views (the ``ce`` term does this whenever a strong view is present). Defaults: weight 0.9 with CE 0.1 (the
-mdistiller KD defaults its configs inherit; the official CIFAR-100 recipes train 480 epochs at lr 0.025).
+terms are computed there but not added to the loss, so they are omitted here. The official loss also adds the
+student's cross-entropy on the strong view (``ce_weight``, like its weak-view cross-entropy, which is the recipe's
+``ce`` term); this term owns it, so the term is ``kd_weight * MLKD + ce_weight * CE(strong view)`` with term weight
+1. Defaults: KD weight 0.9, CE weight 0.1 on each view (the mdistiller KD defaults its configs inherit; the
+official CIFAR-100 recipes train 480 epochs at lr 0.025).
 ``logit_standardization`` z-scores the logits of the KD terms (Sun et al., CVPR 2024).
 """
 from typing import Sequence
@@ -20,7 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import STRONG_VIEW, LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
+from .ce import cross_entropy_loss
 from .kd import kd_loss
 
 TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)
@@ -64,14 +67,18 @@ def mlkd_loss(student_weak: torch.Tensor, teacher_weak: torch.Tensor, student_st
 @register_loss('mlkd')
 class MLKDLoss(LossTerm):
     paper = 'Jin et al., CVPR 2023'
-    default_weight = 0.9
-    needs = (STRONG_VIEW,)
+    default_weight = 1.0  # the KD and strong-view CE weights are the term's own options
+    needs = frozenset({Need.STRONG_VIEW})
     requires_teacher = True
 
-    def __init__(self, logit_standardization: bool = False):
+    def __init__(self, kd_weight: float = 0.9, ce_weight: float = 0.1, logit_standardization: bool = False):
         super().__init__()
-        self.logit_standardization = logit_standardization
+        if kd_weight < 0 or ce_weight < 0:
+            raise ValueError(f'kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}')
+        self.kd_weight, self.ce_weight, self.logit_standardization = kd_weight, ce_weight, logit_standardization
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
-        return mlkd_loss(step.student_logits, step.teacher_logits, step.student_logits_strong,
-                         step.teacher_logits_strong, TEMPERATURES, self.logit_standardization)
+        distillation = mlkd_loss(step.student_logits, step.teacher_logits, step.student_logits_strong,
+                                 step.teacher_logits_strong, TEMPERATURES, self.logit_standardization)
+        return self.kd_weight * distillation + self.ce_weight * cross_entropy_loss(step.student_logits_strong,
+                                                                                   step.targets)

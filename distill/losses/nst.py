@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
+from .base import Need, PairedStagesLoss, StepOutputs, fp32_loss, register_loss, sum_over_pairs
 
 
 def polynomial_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def nst_loss(student_features: List[torch.Tensor], teacher_features: List[torch.
 class NSTLoss(PairedStagesLoss):
     paper = 'Huang & Wang, arXiv 2017'
     default_weight = 50.0
-    needs = ('features',)
+    needs = frozenset({Need.TEACHER_FEATURES})
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         return nst_loss(*self.feature_pairs(step))

@@ -26,7 +26,7 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss, stages_after_stem
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss, stages_after_stem
 from ..features import feature_info_list
 from ..models._base import init_weights
 
@@ -106,7 +106,7 @@ def ofa_stages(model: nn.Module, count: int = 4) -> List[int]:
 class OFALoss(LossTerm):
     paper = 'Hao et al., NeurIPS 2023'
     default_weight = 1.0
-    needs = ('features', 'adapters')
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
 
     def __init__(self, eps: float = 1.0, temperature: float = 1.0, logits_weight: float = 1.0,

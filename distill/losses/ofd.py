@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DistillError
-from .base import LossTerm, StepOutputs, deepest_stages, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, deepest_stages, fp32_loss, register_loss
 from ..features import PREACT, preact_norm
 
 
@@ -53,7 +53,7 @@ def _connector(in_channels: int, out_channels: int) -> nn.Sequential:
 class OFDLoss(LossTerm):
     paper = 'Heo et al., ICCV 2019'
     default_weight = 0.001
-    needs = ('preact features', 'adapters')
+    needs = frozenset({Need.TEACHER_FEATURES})
     pairs = 'CNN teacher (BN + ReLU stages)'
     requires_teacher = True
 

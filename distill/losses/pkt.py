@@ -7,7 +7,7 @@ CIFAR-100: 30000 (with CE 1, KD 0).
 """
 import torch
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 
 EPS = 1e-7
 
@@ -30,7 +30,7 @@ def pkt_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -
 class PKTLoss(LossTerm):
     paper = 'Passalis & Tefas, ECCV 2018'
     default_weight = 30000.0
-    needs = ('features',)
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 

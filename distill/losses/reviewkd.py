@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, deepest_stages, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, deepest_stages, fp32_loss, register_loss
 from ..features import PRE_LOGITS, PREACT
 
 
@@ -72,7 +72,7 @@ def hcl_loss(student_features: List[torch.Tensor], teacher_features: List[torch.
 class ReviewKDLoss(LossTerm):
     paper = 'Chen et al., CVPR 2021'
     default_weight = 1.0
-    needs = ('preact features', 'adapters', 'epoch')
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
 
     def __init__(self, warmup: int = 20, max_mid_channels: int = 512):

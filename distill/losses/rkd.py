@@ -8,7 +8,7 @@ weight 50, teacher relations without gradient. Default weight on CIFAR-100: 1 (w
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 
 
 def pairwise_distances(embedding: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -42,7 +42,7 @@ def rkd_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, d
 class RKDLoss(LossTerm):
     paper = 'Park et al., CVPR 2019'
     default_weight = 1.0
-    needs = ('features',)
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 

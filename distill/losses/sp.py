@@ -9,7 +9,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 
 
 def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
 class SPLoss(LossTerm):
     paper = 'Tung & Mori, ICCV 2019'
     default_weight = 3000.0
-    needs = ('features',)
+    needs = frozenset({Need.TEACHER_FEATURES})
     requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = -1, teacher_layer: Union[int, str] = -1):

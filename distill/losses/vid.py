@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import PairedStagesLoss, StepOutputs, fp32_loss, pool_to_smaller, register_loss
+from .base import Need, PairedStagesLoss, StepOutputs, fp32_loss, pool_to_smaller, register_loss
 
 
 class VariationalRegressor(nn.Module):
@@ -47,7 +47,7 @@ def vid_loss(predicted_means: List[torch.Tensor], variances: List[torch.Tensor],
 class VIDLoss(PairedStagesLoss):
     paper = 'Ahn et al., CVPR 2019'
     default_weight = 1.0
-    needs = ('features', 'adapters')
+    needs = frozenset({Need.TEACHER_FEATURES})
 
     def setup(self, context) -> None:
         self.regressors = nn.ModuleList(

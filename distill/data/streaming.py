@@ -13,8 +13,10 @@ from typing import Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Batch, _find_split_dir, normalize, plan_batches
-from .errors import DistillError
+from ..errors import DistillError
+from .batching import Batch, Placement, plan_batches
+from .sources import find_split_dir
+from .views import normalize
 
 
 class LabelSplit:
@@ -56,32 +58,21 @@ def image_transform(train: bool, augment: str, image_size: int, padding: int, cr
 
 
 class StreamingLoader:
-    """Yields ``Batch`` es of an ImageFolder split decoded by ``workers`` processes (the in-memory
-    ``BatchLoader``'s interface: ``to``, ``shard``, ``generator``, ``split.labels``)."""
-    strong_view = False
+    """Yields ``Batch`` es of an ImageFolder split decoded by ``workers`` processes (a ``batching.Loader``)."""
     num_views = 0  # no finite set of views: the teacher cache refuses this loader
 
     def __init__(self, split_dir: str, batch_size: int, mean: torch.Tensor, std: torch.Tensor, train: bool,
                  augment: str, image_size: int, padding: int, workers: int, crop_pct: float,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, placement: Placement = Placement()):
         from torchvision.datasets import ImageFolder
         self.folder = ImageFolder(split_dir, transform=image_transform(train, augment, image_size, padding,
                                                                         crop_pct))
         self.split = LabelSplit(torch.as_tensor(self.folder.targets, dtype=torch.int64), self.folder.classes)
         self.batch_size, self.train, self.augment, self.padding, self.workers = \
             batch_size, train, augment, padding, workers
-        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.device, self.rank, self.world_size = torch.device(placement.device), placement.rank, placement.world_size
+        self.mean, self.std = mean.view(1, -1, 1, 1).to(self.device), std.view(1, -1, 1, 1).to(self.device)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.device, self.rank, self.world_size = torch.device('cpu'), 0, 1
-
-    def to(self, device: torch.device) -> 'StreamingLoader':
-        self.device = device
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
-        return self
-
-    def shard(self, rank: int, world_size: int) -> 'StreamingLoader':
-        self.rank, self.world_size = rank, world_size
-        return self
 
     def _plan(self, order: torch.Tensor):
         return plan_batches(order, self.batch_size, self.train, self.rank, self.world_size)
@@ -108,4 +99,4 @@ def streaming_split_dir(root: str, train: bool) -> str:
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise DistillError(f"data directory not found: {root} (set data.root=<ImageFolder root>)")
-    return _find_split_dir(root, train)
+    return find_split_dir(root, train)

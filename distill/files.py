@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file beside the target, fsynced, renamed over it, and the directory fsynced,
+so a kill at any instant leaves the old file or the new one (never a partial one), and the rename survives a
+power cut. Every file distill writes that a later run reads goes through here."""
+import json
+import os
+import tempfile
+from typing import Any, Callable, IO
+
+
+def atomic_write(path: str, write: Callable[[IO], None], mode: str = 'wb') -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path``, atomically."""
+    import torch
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode='w')
+
+
+def atomic_write_json(path: str, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2))

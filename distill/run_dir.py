@@ -1,0 +1,96 @@
+"""A run directory: its layout, its state (new / interrupted / finished), whether a config may resume it or reuse
+it, and the exported student weights. The one place that knows these paths (grid, pipeline, demo, trainer and
+logger ask here).
+
+    <output_dir>/<run_name>/
+        resolved.yaml              the full resolved config
+        checkpoints/last.pt        every epoch (resume from here)
+        checkpoints/best.pt        the best validated epoch
+        metrics.jsonl, log.txt     one line per epoch; the log
+        summary.json               written last: the run finished
+        student_{last,best}.safetensors   the deployable student
+"""
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from .checkpoint import load_checkpoint
+from .config import Config, load_config, to_dict
+from .errors import DistillError
+from .files import atomic_write
+
+# Settings that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
+                     'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir')
+NEW, INTERRUPTED, FINISHED = 'new', 'interrupted', 'finished'
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> List[str]:
+    """``'key: old -> new'`` for every setting that differs and changes what a run computes."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path, a, b = prefix + key, old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != 'losses':
+            changes += config_changes(a, b, path + '.')
+        elif a != b and not path.startswith(RESUMABLE_CHANGES):
+            changes.append(f"{path}: {a!r} -> {b!r}")
+    return changes
+
+
+class RunDir:
+    def __init__(self, output_dir: str, run_name: Optional[str]):
+        self.path = os.path.join(os.path.expanduser(output_dir), run_name or 'run')
+        self.checkpoints = os.path.join(self.path, 'checkpoints')
+        self.last = os.path.join(self.checkpoints, 'last.pt')
+        self.best = os.path.join(self.checkpoints, 'best.pt')
+        self.resolved = os.path.join(self.path, 'resolved.yaml')
+        self.summary = os.path.join(self.path, 'summary.json')
+        self.metrics = os.path.join(self.path, 'metrics.jsonl')
+        self.log = os.path.join(self.path, 'log.txt')
+
+    @classmethod
+    def of(cls, cfg: Config) -> 'RunDir':
+        return cls(cfg.trainer.output_dir, cfg.trainer.run_name)
+
+    def student_weights(self, which: str = 'best') -> str:
+        return os.path.join(self.path, f'student_{which}.safetensors')
+
+    def state(self, epochs: int) -> str:
+        """FINISHED (its summary reports ``epochs`` epochs or more), INTERRUPTED (a checkpoint to resume) or
+        NEW."""
+        if os.path.isfile(self.summary):
+            with open(self.summary) as f:
+                if json.load(f).get('epochs', 0) >= epochs:
+                    return FINISHED
+        return INTERRUPTED if os.path.isfile(self.last) else NEW
+
+    def check_reusable(self, cfg: Config, what: str) -> None:
+        """A finished run is reused only for the config it ran (resumable settings aside)."""
+        changes = config_changes(to_dict(load_config(self.resolved)), to_dict(cfg))
+        if changes:
+            raise DistillError(f"{self.path} holds a finished {what} with another config "
+                               f"({'; '.join(changes[:3])}); delete it or change trainer.run_name / output_dir")
+
+    def resume_checkpoint(self, cfg: Config) -> Dict[str, Any]:
+        """``last.pt``, after checking ``cfg`` computes what the run computed."""
+        if not os.path.isfile(self.last):
+            raise DistillError(f"nothing to resume: {self.last} does not exist (no epoch finished); start the run "
+                               f"again without --resume")
+        checkpoint = load_checkpoint(self.last)
+        self.check_resumable(checkpoint, cfg)
+        return checkpoint
+
+    def check_resumable(self, checkpoint: Dict[str, Any], cfg: Config) -> None:
+        changes = config_changes(checkpoint['config'], to_dict(cfg))
+        if changes:
+            raise DistillError(f"cannot resume {self.path}: the config differs from the run's "
+                               f"({'; '.join(changes[:3])}); resume with {self.resolved} or start a new "
+                               f"trainer.run_name")
+
+    def export(self) -> None:
+        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model)."""
+        from safetensors.torch import save
+        for which, checkpoint in (('last', self.last), ('best', self.best)):
+            state = load_checkpoint(checkpoint)['model']
+            payload = save({k: v.contiguous() for k, v in state.items()})
+            atomic_write(self.student_weights(which), lambda f: f.write(payload))
