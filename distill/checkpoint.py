@@ -1,5 +1,6 @@
 """Checkpoint files and the random-number state that makes a resumed run equal an uninterrupted one."""
 import os
+import pickle
 import random
 from typing import Any, Dict
 
@@ -9,18 +10,31 @@ import torch
 from .errors import DistillError
 
 
+class NotACheckpoint(DistillError):
+    """A readable file that is not a distill checkpoint (plain weights, say)."""
+
+
+def torch_load(path: str, what: str) -> Any:
+    """``torch.load(weights_only=True)``: a damaged file, or one that holds pickled code, is a one-line error."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a pickled object: never suggest loading it anyway
+        raise DistillError(f"{what} {path} was refused: it is not a plain weights file (it holds pickled Python "
+                           f"objects, which loading would run); re-save its tensors (a state_dict) or use a "
+                           f".safetensors file") from None
+    except Exception as exc:  # any other decoding failure: damaged or not a torch file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DistillError(f"{what} {path} is corrupt or truncated ({reason}); use another copy (a run's "
+                           f"best.pt / last.pt, a fresh download) or start the run again") from None
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; a missing or damaged file is a user error."""
+    """Read a distill checkpoint; a missing, damaged or foreign file is a user error."""
     if not os.path.isfile(path):
         raise DistillError(f"checkpoint not found: {path} (check the path or the run directory)")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DistillError(f"checkpoint {path} is corrupt or truncated ({reason}); use the other checkpoint of "
-                           f"the run (best.pt / last.pt) or start the run again") from None
+    checkpoint = torch_load(path, 'checkpoint')
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
-        raise DistillError(f"{path} is not a distill checkpoint (no 'model' entry)")
+        raise NotACheckpoint(f"{path} is not a distill checkpoint (no 'model' entry)")
     return checkpoint
 
 

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import NotACheckpoint, load_checkpoint
     from .config import ModelConfig, from_dict
     from .data import build_eval_loader
     from .evaluation import evaluate
@@ -30,7 +30,7 @@ def _eval(args: argparse.Namespace) -> None:
     if not args.checkpoint.endswith('.safetensors'):
         try:
             checkpoint = load_checkpoint(args.checkpoint)
-        except DistillError:  # not a distill checkpoint: load_weights below reports real problems
+        except NotACheckpoint:  # plain weights: load_weights below reads them
             pass
     cfg = from_dict(checkpoint['config']) if checkpoint and 'config' in checkpoint else None
     data_cfg = _data_config(args, cfg.data if cfg else None)

@@ -4,6 +4,7 @@ Every key is checked against the dataclasses below: an unknown key names the nea
 names the expected one. ``resolved.yaml`` in a run directory holds the full resolved config.
 """
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .errors import DistillError, nearest
+from .files import load_yaml_mapping
 
 
 @dataclass
@@ -45,6 +47,8 @@ class DataConfig:
     in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
     workers: int = 8  # streaming only: decoding processes
     eval_crop_pct: float = 0.875  # streaming only: validation resize to image_size / eval_crop_pct, centre crop
+    allow_empty_classes: bool = False  # imagefolder: keep class folders without images (a class nothing trains)
+    skip_bad_images: bool = False  # imagefolder: leave out (and count) files that do not decode, instead of stopping
 
 
 @dataclass
@@ -124,6 +128,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # online: seconds to wait for the W&B server before logging offline instead
 
 
 @dataclass
@@ -152,7 +157,9 @@ CHOICES = {
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
             'trainer.check_finite_every',
             'optimizer.lr', 'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
-            'transfer.backbone_lr_scale', 'transfer.layer_decay')
+            'transfer.backbone_lr_scale', 'transfer.layer_decay', 'trainer.grad_clip', 'wandb.init_timeout')
+NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
+                'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 
 
 def _type_name(tp: Any) -> str:
@@ -217,6 +224,18 @@ def _validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             example = f"; set e.g. {key}=64" if isinstance(value, int) else ''
             raise DistillError(f"{key} must be > 0, got {value}{example}")
+    for key in NON_NEGATIVE:
+        section, name = key.split('.')
+        if flat[section][name] < 0:
+            raise DistillError(f"{key} must be >= 0, got {flat[section][name]}")
+    for section, values in flat.items():  # nan/inf pass every comparison above
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DistillError(f"{section}.{name} must be a finite number, got {value}")
+    for key in ('mean', 'std'):
+        values = getattr(cfg.data, key)
+        if values is not None and len(values) != 3:
+            raise DistillError(f"data.{key} needs 3 values (one per RGB channel), got {values}")
     if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
         raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
     for key in ('frozen_stages', 'unfreeze_every'):
@@ -255,16 +274,14 @@ def from_dict(data: Dict[str, Any]) -> Config:
     return cfg
 
 
-def _read_yaml(path: str) -> Dict[str, Any]:
+def _read_yaml(path: str, chain: Sequence[str] = ()) -> Dict[str, Any]:
+    if os.path.abspath(path) in chain:
+        cycle = ' -> '.join(os.path.relpath(p) for p in list(chain) + [os.path.abspath(path)])
+        raise DistillError(f"recipe {path} includes itself through base: ({cycle}); remove one of these base: "
+                           f"entries")
     if not os.path.isfile(path):
         raise DistillError(f"recipe not found: {path} (check the path; recipes live under experiments/)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise DistillError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise DistillError(f"recipe {path} must be a mapping of config sections, got {type(data).__name__}")
+    data = load_yaml_mapping(path, 'recipe')
     teacher = data.get('teacher')
     if isinstance(teacher, dict) and isinstance(teacher.get('recipe'), str):  # relative to the naming recipe
         teacher['recipe'] = os.path.normpath(os.path.join(os.path.dirname(path), teacher['recipe']))
@@ -274,7 +291,8 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     bases = [base] if isinstance(base, str) else base
     merged: Dict[str, Any] = {}
     for item in bases:  # 'base:' paths are relative to the recipe that names them
-        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), item)))
+        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), item),
+                                           [*chain, os.path.abspath(path)]))
     return _merge(merged, data)
 
 

@@ -1,10 +1,13 @@
-"""Atomic file writes: a temporary file beside the target, fsynced, renamed over it, and the directory fsynced,
-so a kill at any instant leaves the old file or the new one (never a partial one), and the rename survives a
-power cut. Every file distill writes that a later run reads goes through here."""
+"""Files distill keeps. Atomic writes: a temporary file beside the target, fsynced, renamed over it, and the
+directory fsynced, so a kill at any instant leaves the old file or the new one (never a partial one) and the rename
+survives a power cut; every file distill writes that a later run reads goes through here. And YAML mappings
+(recipes, grids, published numbers) read with one-line errors."""
 import json
 import os
 import tempfile
-from typing import Any, Callable, IO
+from typing import Any, Callable, Dict, IO
+
+from .errors import DistillError
 
 
 def atomic_write(path: str, write: Callable[[IO], None], mode: str = 'wb') -> None:
@@ -13,6 +16,7 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = 'wb') -> No
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would ignore the user's umask
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -23,6 +27,12 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = 'wb') -> No
             os.unlink(tmp_path)
         raise
     fsync_directory(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_directory(directory: str) -> None:
@@ -45,3 +55,18 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def load_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
+    """A YAML file holding a mapping (a recipe, a grid, published numbers); anything else is a one-line error."""
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise DistillError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}; fix the file") from None
+    except OSError as exc:
+        raise DistillError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{what} {path} must be a mapping, got {type(data).__name__}")
+    return data

@@ -20,9 +20,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Tuple
 
-import yaml
-
 from .config import load_config
+from .files import load_yaml_mapping
 from .errors import DistillError
 from .run_dir import RunDir
 
@@ -31,7 +30,7 @@ def plan(grid_path: str) -> List[Tuple[str, List[str], str]]:
     """``(recipe, overrides, run_dir)`` for every run of the grid, in order."""
     if not os.path.isfile(grid_path):
         raise DistillError(f"grid file not found: {grid_path}")
-    grid: Dict[str, Any] = yaml.safe_load(open(grid_path)) or {}
+    grid: Dict[str, Any] = load_yaml_mapping(grid_path, 'grid file')
     unknown = set(grid) - {'recipes', 'exclude', 'seeds', 'output_dir', 'overrides'}
     if unknown:
         raise DistillError(f"{grid_path}: unknown keys {sorted(unknown)}; a grid has recipes, exclude, seeds, "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .config import DataConfig
 from .data import BatchLoader, load_split, normalization
 from .errors import DistillError
+from .files import atomic_write
 from .features import PRE_LOGITS, FeatureExtractor
 
 
@@ -57,17 +58,20 @@ def extract_features(model: nn.Module, loader: BatchLoader, device: torch.device
 
 def save_features(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     """Atomically write ``tensors`` to ``.safetensors`` (with string metadata) or ``.npz``."""
-    tmp = path + '.tmp'
     if path.endswith('.npz'):
         import numpy as np
-        with open(tmp, 'wb') as f:
-            np.savez(f, **{k: v.numpy() for k, v in tensors.items()}, **{f'meta_{k}': v for k, v in metadata.items()})
+        arrays = {**{k: v.numpy() for k, v in tensors.items()}, **{f'meta_{k}': v for k, v in metadata.items()}}
+        write = lambda f: np.savez(f, **arrays)  # noqa: E731
     elif path.endswith('.safetensors'):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        from safetensors.torch import save
+        payload = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        write = lambda f: f.write(payload)  # noqa: E731
     else:
         raise DistillError(f"--out {path}: use a .safetensors or .npz file name")
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise DistillError(f"cannot write {path} ({exc.strerror}); choose another --out") from None
 
 
 def load_features(path: str) -> Dict[str, torch.Tensor]:

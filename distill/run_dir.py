@@ -19,9 +19,11 @@ from .config import Config, load_config, to_dict
 from .errors import DistillError
 from .files import atomic_write
 
-# Settings that may change between a run and its resumption without changing what is computed.
+# Settings that may change between a run and its resumption without changing what is computed (the run's name
+# and folder say where it is, not what it computes: a moved or renamed run resumes).
 RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
-                     'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir')
+                     'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir',
+                     'trainer.run_name', 'trainer.output_dir')
 NEW, INTERRUPTED, FINISHED = 'new', 'interrupted', 'finished'
 
 
@@ -86,6 +88,25 @@ class RunDir:
             raise DistillError(f"cannot resume {self.path}: the config differs from the run's "
                                f"({'; '.join(changes[:3])}); resume with {self.resolved} or start a new "
                                f"trainer.run_name")
+
+    def check_writable(self) -> None:
+        """Fail in one line, creating nothing, when the run directory cannot be created or written."""
+        existing = os.path.abspath(self.path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise DistillError(f"cannot create run directory {self.path}: {existing} is a file; set "
+                               f"trainer.output_dir to a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DistillError(f"cannot write run directory {self.path}: {existing} is not writable; set "
+                               f"trainer.output_dir to a writable folder")
+
+    def remove_temporaries(self) -> None:
+        """Delete the ``*.tmp`` files a kill during an atomic write leaves behind (never the files themselves)."""
+        for folder in (self.path, self.checkpoints):
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if name.endswith('.tmp'):
+                    os.unlink(os.path.join(folder, name))
 
     def export(self) -> None:
         """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model)."""

@@ -22,10 +22,24 @@ class RunLogger:
             except ImportError:
                 raise DistillError("wandb.mode is set but the wandb package is missing; pip install wandb or "
                                    "set wandb.mode=disabled") from None
-            self.wandb_run = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
-                tags=wandb_cfg.tags, config=config, dir=run_dir.path, mode=wandb_cfg.mode,
-                id=wandb_id, resume='allow' if wandb_id else None)
+            settings = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+                            tags=wandb_cfg.tags, config=config, dir=run_dir.path, id=wandb_id,
+                            resume='allow' if wandb_id else None)
+            self.wandb_run = self._init_wandb(wandb, settings, wandb_cfg)
+
+    def _init_wandb(self, wandb, settings: Dict[str, Any], wandb_cfg: WandbConfig):
+        """Online runs wait at most ``wandb.init_timeout`` seconds for the server (or fail at once without a key),
+        then log offline: training never waits on, or dies of, an unreachable W&B."""
+        if wandb_cfg.mode != 'online':
+            return wandb.init(mode=wandb_cfg.mode, **settings)
+        try:
+            return wandb.init(mode='online', settings=wandb.Settings(init_timeout=wandb_cfg.init_timeout),
+                              **settings)
+        except Exception as exc:  # noqa: BLE001 (wandb raises CommError, UsageError, ... for the same situation)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            self.info(f"W&B is unreachable ({type(exc).__name__}: {reason}); logging offline to "
+                      f"{settings['dir']}/wandb (upload later with `wandb sync`)")
+            return wandb.init(mode='offline', **settings)
 
     @property
     def wandb_id(self) -> Optional[str]:

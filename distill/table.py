@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from .files import load_yaml_mapping
 from .errors import DistillError
 
 
@@ -63,7 +64,7 @@ def load_paper(path: Optional[str]) -> Dict[str, Any]:
         return {'sources': {}, 'pairs': {}}
     if not os.path.isfile(path):
         raise DistillError(f"paper numbers not found: {path}")
-    data = yaml.safe_load(open(path)) or {}
+    data = load_yaml_mapping(path, 'paper numbers file')
     for pair, methods in (data.get('pairs') or {}).items():
         for method, entry in methods.items():
             if entry.get('source') not in data.get('sources', {}):
@@ -148,7 +149,8 @@ def plot_table(rows: List[Dict[str, Any]], path: str) -> None:
 
 
 def table(runs_dir: str, paper_path: Optional[str] = None, plot_path: Optional[str] = None) -> str:
+    paper = load_paper(paper_path)  # a broken file is reported before anything else
     rows = collect(runs_dir)
     if plot_path:
         plot_table(rows, plot_path)
-    return build_table(rows, load_paper(paper_path))
+    return build_table(rows, paper)

@@ -25,7 +25,7 @@ from .evaluation import evaluate
 from .files import atomic_save
 from .guard import FiniteGuard, stop_if_nonfinite
 from .losses import Need, declared_needs
-from .models.factory import check_model_config, create_model, init_from
+from .models.factory import check_input_size, check_model_config, create_model, init_from
 from .optim import check_scheduler, create_optimizer, create_scheduler
 from .run_dir import RunDir
 from .run_logger import NullLogger, RunLogger
@@ -48,6 +48,7 @@ class Trainer:
         if not resume and os.path.exists(self.run_dir.last):
             raise DistillError(f"run directory {self.run_dir.path} already holds a run; add --resume to continue "
                                f"it, or pick another trainer.run_name / trainer.output_dir")
+        self.run_dir.check_writable()
         for role, model_cfg in (('student', cfg.student), ('teacher', cfg.teacher)):
             if model_cfg:  # fail before the (slow) data loading
                 check_model_config(model_cfg, role)
@@ -62,7 +63,8 @@ class Trainer:
         student = create_model(cfg.student, self.data.num_classes, 'student', cfg.transfer, self.model_notes)
         if cfg.transfer.init_from:
             init_from(student, cfg.transfer, cfg.student.name, self.model_notes)
-        teacher = self._teacher(create_model(cfg.teacher, self.data.num_classes, 'teacher')) if cfg.teacher else None
+        check_input_size(student, cfg.data.image_size, 'student', cfg.student.name)
+        teacher = self._teacher(self._teacher_model()) if cfg.teacher else None
         self.freezer = StageFreezer(student, cfg.transfer) if uses_transfer(cfg.transfer) else None
         self.distiller = runtime.place(Distiller(teacher, student, cfg.losses,
                                                  input_size=(3, cfg.data.image_size, cfg.data.image_size),
@@ -87,6 +89,7 @@ class Trainer:
         self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
         if self.dist.is_main:
             os.makedirs(self.run_dir.checkpoints, exist_ok=True)
+            self.run_dir.remove_temporaries()
             save_config(cfg, self.run_dir.resolved)
             self.logger = RunLogger(self.run_dir, cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run',
                                     wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
@@ -98,6 +101,11 @@ class Trainer:
             self.logger.rewrite_history([])
 
     # --- setup -----------------------------------------------------------------------------------------
+    def _teacher_model(self) -> nn.Module:
+        model = create_model(self.cfg.teacher, self.data.num_classes, 'teacher')
+        check_input_size(model, self.cfg.data.image_size, 'teacher', self.cfg.teacher.name)
+        return model
+
     def _teacher(self, model: nn.Module) -> LiveTeacher:
         """The live teacher, or its logits table when ``teacher_cache.enabled`` (refused where not exact)."""
         cfg = self.cfg
@@ -284,11 +292,11 @@ class Trainer:
         if improved:
             self.best_top1, self.best_epoch = record['val_top1'], epoch + 1
         self.history.append(record)
-        if self.dist.is_main:
+        if self.dist.is_main:  # best.pt first: last.pt (what a resume reads) never names a best not on disk
             state = self._state(epoch + 1)
-            atomic_save(state, self.run_dir.last)
             if improved:
                 atomic_save(state, self.run_dir.best)
+            atomic_save(state, self.run_dir.last)
         self.dist.barrier()  # every rank sees the checkpoint before going on
         logger.log_epoch(record)
         val_text = f" val top-1 {record['val_top1']:.2f} top-5 {record['val_top5']:.2f}" if evaluated else ''

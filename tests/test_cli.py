@@ -3,6 +3,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -83,7 +84,7 @@ def test_methods_lists_every_registered_method(capsys):
         if not name.startswith('test_'):
             assert f'| {name} | {cls.paper} | {cls.default_weight:g} |' in out
     assert '| crd | Tian et al., ICLR 2020 | 0.8 | embed_dim=128, negatives=16384' in out
-    assert 'teacher, features, adapters, indices, labels |' in out
+    assert 'teacher, per-sample state, sample indices, teacher features |' in out
 
 
 @pytest.mark.parametrize('overrides, fragment', [
@@ -105,10 +106,90 @@ def test_methods_lists_every_registered_method(capsys):
     (['transfer.freeze=partial', 'transfer.frozen_stages=4'], 'transfer.frozen_stages=4 but CifarResNet has 3 stages'),
     (['transfer.init_from=/nonexistent/t.pt'], 'transfer.init_from not found: /nonexistent/t.pt'),
     (['data.classes=[cat]'], "data.classes ['cat'] not in digits"),
+    (['trainer.grad_clip=-1'], 'trainer.grad_clip must be > 0, got -1'),
+    (['optimizer.lr=nan'], 'optimizer.lr must be a finite number, got nan'),
+    (['optimizer.lr=inf'], 'optimizer.lr must be a finite number, got inf'),
+    (['trainer.seed=-1'], 'trainer.seed must be >= 0, got -1'),
+    (['trainer.device=mps'], 'trainer.device=mps is not available on this machine'),
+    (['data.mean=[0.5, 0.5]', 'data.std=[0.5, 0.5]'], 'data.mean needs 3 values (one per RGB channel)'),
+    (['student.name=vit_tiny_patch16_224', 'data.image_size=32'],
+     'student vit_tiny_patch16_224 cannot take 32x32 images (AssertionError'),
 ])
 def test_bad_train_inputs(tmp_path, capsys, overrides, fragment):
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
     _expect_error(capsys, ['train', recipe, *overrides], fragment)
+    assert not (tmp_path / 'runs').exists()  # nothing created
+
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('not a folder')
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'file' / 'runs', epochs=1))
+    _expect_error(capsys, ['train', recipe], f"{tmp_path / 'file'} is a file; set trainer.output_dir")
+
+
+def _tree(root, files):
+    """An ImageFolder tree: ``files`` maps 'split/class/name' to bytes (or None for a real 8x8 JPEG)."""
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.RandomState(0)
+    for name, payload in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if payload is None:
+            Image.fromarray(pixels.randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        else:
+            path.write_bytes(payload)
+    return str(root)
+
+
+@pytest.mark.parametrize('broken', [b'not an image', None])
+def test_a_bad_image_file_is_named_and_can_be_skipped(tmp_path, capsys, monkeypatch, broken):
+    monkeypatch.setenv('DISTILL_CACHE', str(tmp_path / 'cache'))
+    good = {f'{split}/{cls}/{i}.jpg': None for split in ('train', 'val') for cls in 'ab' for i in range(3)}
+    root = _tree(tmp_path / 'images', good)
+    bad = tmp_path / 'images' / 'train' / 'b' / 'bad.jpg'
+    if broken is None:  # a truncated JPEG: its first 100 bytes
+        bad.write_bytes((tmp_path / 'images' / 'train' / 'b' / '0.jpg').read_bytes()[:100])
+    else:
+        bad.write_bytes(broken)
+    data = {'name': 'imagefolder', 'root': root, 'image_size': 8}
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1, data=data))
+    _expect_error(capsys, ['train', recipe], f'{bad} is not a readable image')
+    assert not (tmp_path / 'runs').exists()
+    assert main(['train', recipe, 'data.skip_bad_images=true', '--quiet']) == 0
+    assert 'left out 1 unreadable image files' in capsys.readouterr().out
+
+
+def test_an_empty_class_folder_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('DISTILL_CACHE', str(tmp_path / 'cache'))
+    root = _tree(tmp_path / 'images', {f'{split}/{cls}/{i}.jpg': None for split in ('train', 'val') for cls in 'ab'
+                                       for i in range(2)})
+    (tmp_path / 'images' / 'train' / 'c').mkdir()
+    (tmp_path / 'images' / 'val' / 'c').mkdir()
+    data = {'name': 'imagefolder', 'root': root, 'image_size': 8}
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1, data=data))
+    _expect_error(capsys, ['train', recipe], 'holds no images')
+    assert main(['train', recipe, 'data.allow_empty_classes=true', '--quiet']) == 0
+
+
+def test_invalid_yaml_in_grid_and_paper_files_is_one_line(tmp_path, capsys):
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('recipes: [a.yaml\nseeds: {')
+    _expect_error(capsys, ['grid', str(broken)], 'is not valid YAML')
+    (tmp_path / 'runs').mkdir()
+    _expect_error(capsys, ['table', str(tmp_path / 'runs'), '--paper', str(broken)], 'is not valid YAML')
+
+
+def test_extract_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('x')
+    _expect_error(capsys, ['extract', '--model', 'cifar_resnet8', '--data', 'digits', '--image-size', '8',
+                           '--out', str(tmp_path / 'file' / 'f.safetensors')], 'cannot write')
+
+
+def test_a_base_cycle_is_one_line(tmp_path, capsys):
+    (tmp_path / 'a.yaml').write_text('base: b.yaml\ntrainer: {epochs: 1}\n')
+    (tmp_path / 'b.yaml').write_text('base: [a.yaml]\n')
+    _expect_error(capsys, ['train', str(tmp_path / 'a.yaml')], 'includes itself through base: (')
 
 
 def test_teacher_with_the_wrong_class_count_is_refused(tmp_path, capsys):
@@ -138,7 +219,12 @@ def test_corrupt_checkpoints_are_one_line_errors(finished_run, tmp_path, capsys)
     broken = tmp_path / 'broken.pt'
     broken.write_bytes(open(root / 'runs' / 'base' / 'checkpoints' / 'last.pt', 'rb').read()[:5000])
     _expect_error(capsys, ['eval', str(broken), '--model', 'cifar_resnet8', '--data', 'digits'],
-                  'corrupt, truncated or not a checkpoint')
+                  f'checkpoint {broken} is corrupt or truncated')
+    _expect_error(capsys, ['eval', str(broken)], f'checkpoint {broken} is corrupt or truncated')  # not "--data"
+    pickled = tmp_path / 'pickled.pt'
+    torch.save({'model': {'w': torch.ones(1)}, 'payload': SimpleNamespace()}, pickled)  # a pickled object
+    _expect_error(capsys, ['eval', str(pickled), '--model', 'cifar_resnet8', '--data', 'digits'],
+                  'was refused: it is not a plain weights file')
     _expect_error(capsys, ['eval', str(tmp_path / 'missing.pt'), '--model', 'cifar_resnet8', '--data', 'digits'],
                   'checkpoint not found')
     _expect_error(capsys, ['eval', str(root / 'runs' / 'base' / 'student_last.safetensors'), '--data', 'digits'],

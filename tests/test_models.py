@@ -122,7 +122,7 @@ def test_checkpoint_for_wrong_model_is_one_line_error(tmp_path):
     with pytest.raises(DistillError, match='classifier has 100 classes but the data has 10'):
         load_weights(timm.create_model('cifar_resnet8x4', num_classes=10), str(path))
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(DistillError, match='corrupt, truncated'):
+    with pytest.raises(DistillError, match='corrupt or truncated'):
         load_weights(timm.create_model('cifar_resnet8x4', num_classes=100), str(path))
     with pytest.raises(DistillError, match='not found'):
         load_weights(timm.create_model('cifar_resnet8x4', num_classes=100), str(tmp_path / 'nope.pth'))

@@ -134,6 +134,14 @@ def test_resume_refuses_an_incompatible_config_and_a_corrupt_checkpoint(tmp_path
         Trainer(from_dict(digits_config(tmp_path, 'fresh', epochs=3)), resume=True, quiet=True)
 
 
+def test_a_moved_and_renamed_run_resumes(tmp_path):
+    Trainer(from_dict(digits_config(tmp_path / 'old', 'first', epochs=1)), quiet=True).fit()
+    os.rename(tmp_path / 'old', tmp_path / 'new')
+    os.rename(tmp_path / 'new' / 'first', tmp_path / 'new' / 'second')
+    summary = Trainer(from_dict(digits_config(tmp_path / 'new', 'second', epochs=2)), resume=True, quiet=True).fit()
+    assert summary['epochs'] == 2 and len(read_metrics(tmp_path / 'new' / 'second')) == 2
+
+
 ATOMIC_WRITER = """
 import sys, torch
 from distill.files import atomic_save
@@ -159,6 +167,53 @@ def test_atomic_checkpoint_survives_a_kill_during_writing(tmp_path):
     assert checkpoint['model']['w'].numel() == (3 if checkpoint['epoch'] == 1 else 60_000_000)
 
 
+KILLED_BETWEEN_CHECKPOINTS = """
+import os, sys, yaml
+from distill import trainer
+from distill.config import load_config
+real, writes = trainer.atomic_save, []
+
+
+def save(state, path):  # a SIGKILL right after the first checkpoint file of epoch 2 is written
+    real(state, path)
+    writes.append(path)
+    if state['epoch'] == 2 and len(writes) == 3:
+        os.kill(os.getpid(), 9)
+
+
+trainer.atomic_save = save
+trainer.Trainer(load_config(sys.argv[1]), quiet=True).fit()
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_two_checkpoints_of_an_improving_epoch_keeps_best_and_summary_consistent(tmp_path):
+    """Epoch 2 improves, so it writes best.pt and last.pt; a kill after the first of the two writes, then a
+    resume, must end with the best epoch of summary.json, best.pt and student_best.safetensors all the same."""
+    recipe = _write_recipe(tmp_path, digits_config(tmp_path / 'out', 'run', epochs=2))
+    killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_CHECKPOINTS, recipe], cwd=REPO)
+    assert killed.returncode == -9
+    checkpoints = tmp_path / 'out' / 'run' / 'checkpoints'
+    assert load_checkpoint(str(checkpoints / 'best.pt'))['epoch'] == 2  # epoch 2 improved (written first)
+    (checkpoints / 'last.pt.leftover.tmp').write_bytes(b'partial')  # what a kill mid-write leaves
+    resumed = _distill('train', recipe, '--resume', '--quiet')
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    summary = json.load(open(tmp_path / 'out' / 'run' / 'summary.json'))
+    best = load_checkpoint(str(checkpoints / 'best.pt'))
+    assert summary['best_epoch'] == best['epoch'] == best['best_epoch'] == 2
+    exported = load_file(str(tmp_path / 'out' / 'run' / 'student_best.safetensors'))
+    assert all(torch.equal(exported[k], v) for k, v in best['model'].items())
+    assert not glob.glob(str(checkpoints / '*.tmp'))
+    assert os.stat(checkpoints / 'last.pt').st_mode & 0o777 == 0o666 & ~_umask()  # the user's umask, not 0600
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.slow
 def test_wandb_offline_writes_a_run_with_the_logged_metrics(tmp_path, monkeypatch):
     pytest.importorskip('wandb')
@@ -178,6 +233,20 @@ def test_wandb_offline_writes_a_run_with_the_logged_metrics(tmp_path, monkeypatc
         time.sleep(0.2)
     for key in keys:
         assert key in payload, (key, len(payload), os.listdir(runs[0]))
+
+
+@pytest.mark.slow
+def test_wandb_online_without_a_reachable_server_waits_briefly_then_logs_offline(tmp_path, monkeypatch):
+    pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+    monkeypatch.setenv('WANDB_BASE_URL', 'http://127.0.0.1:9')  # nothing listens there
+    cfg = digits_config(tmp_path, epochs=1, wandb={'mode': 'online', 'project': 'distill-test', 'init_timeout': 3})
+    started = time.time()
+    assert Trainer(from_dict(cfg), quiet=True).fit()['epochs'] == 1
+    assert time.time() - started < 90
+    assert 'W&B is unreachable' in open(tmp_path / 'run' / 'log.txt').read()
+    assert len(glob.glob(str(tmp_path / 'run' / 'wandb' / 'offline-run-*'))) == 1
 
 
 @register_loss('test_nan_after')

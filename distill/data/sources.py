@@ -120,10 +120,15 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
     for label, name in enumerate(classes):
         names = np.array(sorted(f for f in os.listdir(os.path.join(split_dir, name))
                                 if f.lower().endswith(IMAGE_EXTENSIONS)))
+        if len(names) == 0 and not cfg.allow_empty_classes:
+            raise DistillError(f"class folder {os.path.join(split_dir, name)} holds no images "
+                               f"({', '.join(IMAGE_EXTENSIONS)}); remove it, or set data.allow_empty_classes=true "
+                               f"to keep it as a class without images")
         names = names[_pick(np.arange(len(names)), per_class, cfg.subset_seed, label)].tolist()
         files += [os.path.join(split_dir, name, f) for f in names]
         labels += [label] * len(names)
-    key = hashlib.sha1(repr((files, cfg.image_size)).encode()).hexdigest()[:16]
+    key = hashlib.sha1(repr((files, cfg.image_size) + (('skip_bad_images',) if cfg.skip_bad_images else ())
+                            ).encode()).hexdigest()[:16]
     cache_file = os.path.join(cache_dir(), 'imagefolder', f'{key}.pt')
     if os.path.isfile(cache_file):
         try:
@@ -133,13 +138,23 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
             pass
     size = cfg.image_size
     images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    readable = torch.ones(len(files), dtype=torch.bool)
     for i, path in enumerate(files):
-        with Image.open(path) as img:
-            img = img.convert('RGB')
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    split = ImageSplit(images, torch.as_tensor(labels, dtype=torch.int64), classes)
+        try:
+            with Image.open(path) as img:
+                img = img.convert('RGB')
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for non-images and truncated files
+            if not cfg.skip_bad_images:
+                raise DistillError(f"{path} is not a readable image ({str(exc)[:100]}); remove it, or set "
+                                   f"data.skip_bad_images=true to leave such files out") from None
+            readable[i] = False
+    if not readable.all():
+        print(f"data: left out {int((~readable).sum())} unreadable image files of {split_dir} "
+              f"(data.skip_bad_images)")
+    split = ImageSplit(images[readable], torch.as_tensor(labels, dtype=torch.int64)[readable], classes)
     atomic_save({'images': split.images, 'labels': split.labels}, cache_file)
     return split
 

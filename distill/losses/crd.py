@@ -68,17 +68,25 @@ def update_memory(memory: torch.Tensor, embedding: torch.Tensor, indices: torch.
 
 
 class NegativeSampler(nn.Module):
-    """Draws, for each sample, K dataset indices of samples of other classes, uniformly with replacement."""
+    """Draws, for each sample, K dataset indices of samples of other classes: without replacement when the other
+    classes hold at least K samples, else with replacement (RepDistiller ``CIFAR100InstanceSample``:
+    ``np.random.choice(cls_negative[target], K, replace=K > len(cls_negative[target]))``)."""
 
     def __init__(self, train_targets: torch.Tensor):
         super().__init__()
         targets = train_targets.long().cpu()
         counts = torch.bincount(targets)
+        self.register_buffer('targets', targets, persistent=False)
         self.register_buffer('order', torch.argsort(targets, stable=True), persistent=False)
         self.register_buffer('class_start', torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer('class_count', counts, persistent=False)
 
     def forward(self, targets: torch.Tensor, k: int) -> torch.Tensor:
+        others = len(self.order) - self.class_count[targets]
+        if bool((others >= k).all()):  # K distinct samples: the K smallest of uniform scores, own class excluded
+            scores = torch.rand(len(targets), len(self.order), device=targets.device)
+            scores.masked_fill_(self.targets[None, :] == targets[:, None], 2.0)
+            return scores.topk(k, dim=1, largest=False).indices
         start, count = self.class_start[targets, None], self.class_count[targets, None]
         # a uniform position among the N - n_c samples of other classes, then skip the class's own block
         position = (torch.rand(len(targets), k, device=targets.device) * (len(self.order) - count)).long()

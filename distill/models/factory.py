@@ -51,6 +51,25 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
     return model
 
 
+def check_input_size(model: nn.Module, image_size: int, role: str, name: str) -> None:
+    """One eval-mode forward of a 2-image batch at ``image_size``: a model that cannot take that size (a ViT's fixed
+    patch grid, say) fails here with one line, before any run directory exists."""
+    import torch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, image_size, image_size))
+    except Exception as exc:  # noqa: BLE001 (AssertionError, RuntimeError, ...: what a model says about its input)
+        expected = getattr(model, 'pretrained_cfg', {}).get('input_size')
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise DistillError(f"{role} {name} cannot take {image_size}x{image_size} images ({type(exc).__name__}: "
+                           f"{reason}); set data.image_size={expected[-1] if expected else '<its size>'} or give "
+                           f"the model that size, e.g. {role}.kwargs={{img_size: {image_size}}}") from None
+    finally:
+        model.train(was_training)
+
+
 def init_from(student: nn.Module, transfer: TransferConfig, student_name: str, notes: List[str]) -> None:
     """Copy ``transfer.init_from``'s weights into ``student`` wherever names (mapped by ``init_map``) and shapes
     fit; what was copied, resized and left goes to ``notes``."""

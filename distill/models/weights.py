@@ -6,6 +6,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from ..checkpoint import torch_load
 from ..errors import DistillError
 
 # Keys under which known checkpoint formats nest their weights: distill and RepDistiller/mdistiller use
@@ -18,16 +19,16 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     and DataParallel's ``module.`` prefix. Torch files are read with ``weights_only=True``."""
     if not os.path.isfile(path):
         raise DistillError(f"weights file not found: {path} (check the path)")
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # any decoding failure means the file is damaged or not a weights file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistillError(f"cannot read weights file {path}: corrupt, truncated or not a checkpoint "
-                           f"({first_line[:200]}); re-download or re-export it") from None
+        except Exception as exc:  # any decoding failure means the file is damaged
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistillError(f"weights file {path} is corrupt or truncated ({first_line[:200]}); re-download or "
+                               f"re-export it") from None
+    else:
+        state = torch_load(path, 'weights file')
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -101,6 +101,19 @@ def test_crd_matches_repdistiller_memory_loss_and_update(num_data):
     torch.testing.assert_close(term.normalizers, ref_memory.params[2:4].float(), rtol=1e-5, atol=0)
 
 
+def test_crd_negatives_are_distinct_when_the_other_classes_hold_enough_samples():
+    """As RepDistiller's np.random.choice(..., replace=False): no repeats within a row (with replacement, 16,384
+    draws from 49,500 CIFAR-100 negatives repeat ~15% of them)."""
+    from distill.losses.crd import NegativeSampler
+    train_targets = torch.arange(1000) % 10
+    sampler = NegativeSampler(train_targets)
+    torch.manual_seed(0)
+    negatives = sampler(torch.tensor([3, 7]), 800)
+    for row, target in zip(negatives, (3, 7)):
+        assert len(row.unique()) == 800 and (train_targets[row] != target).all()
+    assert sampler(torch.tensor([3]), 950).shape == (1, 950)  # more than the 900 others: with replacement
+
+
 def test_crd_negative_sampler_is_uniform_over_other_classes():
     from distill.losses.crd import NegativeSampler
     train_targets = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
