@@ -58,8 +58,10 @@ def test_class_count_mismatch_and_missing_dirs(tmp_path):
     with pytest.raises(DistillError, match='has no class folders'):
         build_data(DataConfig(name='imagefolder', root=str(tmp_path)), 0)
     (tmp_path / 'train' / 'cat').mkdir()
-    with pytest.raises(DistillError, match='no val or test/ folder'):
+    with pytest.raises(DistillError, match='train/cat holds no images'):
         build_data(DataConfig(name='imagefolder', root=str(tmp_path)), 0)
+    with pytest.raises(DistillError, match='no val or test/ folder'):
+        build_data(DataConfig(name='imagefolder', root=str(tmp_path), allow_empty_classes=True), 0)
     with pytest.raises(DistillError, match='cifar100 not found under'):
         build_data(DataConfig(name='cifar100', root=str(tmp_path)), 0)
 

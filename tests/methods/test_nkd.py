@@ -1,12 +1,10 @@
 """NKD (Yang et al., ICCV 2023) against the official NKDLoss (yzd-v/cls_KD), its target and normalised non-target
 terms against the paper's formula, and the non-target mask that must drop the target class."""
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-import distill  # noqa: F401  (registers the cifar_ models)
-from distill import Batch, DistillError, Distiller
+from distill import DistillError
 from distill.losses import create_loss
 from distill.losses.nkd import NKDLoss, nkd_loss
 from helpers import TARGETS, assert_matches_reference, random_logits
@@ -114,18 +112,3 @@ def test_options_are_checked():
         create_loss('nkd', temperature=0.0)
     with pytest.raises(DistillError, match='gamma must be >= 0'):
         create_loss('nkd', gamma=-1.0)
-
-
-def test_nkd_through_the_distiller_trains_the_student():
-    torch.manual_seed(0)
-    teacher = timm.create_model('cifar_resnet8x4', num_classes=10)
-    student = timm.create_model('cifar_resnet8', num_classes=10)
-    distiller = Distiller(teacher, student, {'ce': 1.0, 'nkd': {}}, input_size=(3, 16, 16),
-                          train_targets=torch.arange(40) % 10)
-    distiller.train()
-    images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
-    output = distiller(Batch(images, targets, torch.arange(8)), epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss']) and output['terms']['nkd'] > 0
-    assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in teacher.parameters())

@@ -2,12 +2,10 @@
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-import distill  # noqa: F401  (registers the cifar_ models)
-from distill import Batch, Distiller
+from distill.errors import DistillError
 from distill.losses import create_loss
 from distill.losses.wsld import WSLDLoss, wsld_loss, wsld_weights
 from helpers import assert_matches_reference
@@ -91,21 +89,5 @@ def test_a_teacher_worse_than_the_student_gets_a_smaller_weight():
 
 
 def test_temperature_must_be_positive():
-    with pytest.raises(distill.DistillError, match='temperature must be > 0'):
+    with pytest.raises(DistillError, match='temperature must be > 0'):
         create_loss('wsld', temperature=0.0)
-
-
-def test_wsld_through_the_engine_trains_the_student_only():
-    torch.manual_seed(0)
-    teacher = timm.create_model('cifar_resnet8x4', num_classes=10)
-    student = timm.create_model('cifar_resnet8', num_classes=10)
-    distiller = Distiller(teacher, student, {'ce': 1.0, 'wsld': {}}, input_size=(3, 16, 16),
-                          train_targets=torch.arange(40) % 10)
-    assert distiller.loss_weights['wsld'] == 2.25
-    distiller.train()
-    images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
-    output = distiller(Batch(images, targets, torch.arange(8)), epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss']) and output['terms']['wsld'] > 0
-    assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
