@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .errors import DistillError, nearest
-from .files import load_yaml_mapping
+from .files import atomic_write_text, load_yaml_mapping
 
 
 @dataclass
@@ -155,9 +155,9 @@ CHOICES = {
     'teacher_cache.dtype': ('float16', 'float32'),
 }
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
-            'trainer.check_finite_every',
-            'optimizer.lr', 'data.train_per_class', 'data.val_per_class', 'data.num_classes', 'transfer.head_hidden',
-            'transfer.backbone_lr_scale', 'transfer.layer_decay', 'trainer.grad_clip', 'wandb.init_timeout')
+            'trainer.check_finite_every', 'optimizer.lr', 'data.train_per_class', 'data.val_per_class',
+            'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
+            'trainer.grad_clip', 'wandb.init_timeout')
 NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
                 'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 
@@ -268,9 +268,10 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: Dict[str, Any]) -> Config:
+def from_dict(data: Dict[str, Any], validate: bool = True) -> Config:
     cfg = _from_dict(Config, data)
-    _validate(cfg)
+    if validate:
+        _validate(cfg)
     return cfg
 
 
@@ -336,5 +337,4 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, 'w') as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

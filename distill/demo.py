@@ -12,7 +12,7 @@ import yaml
 
 from .config import from_dict, to_dict
 from .errors import DistillError
-from .run_dir import FINISHED, INTERRUPTED, RunDir
+from .run_dir import FINISHED, INTERRUPTED, RunDir, with_defaults
 from .trainer import Trainer
 
 TEACHER, STUDENT = 'cifar_resnet8x4', 'cifar_resnet8'
@@ -78,7 +78,7 @@ def run_demo(data_dir: Optional[str] = None, output_dir: str = 'runs/demo', epoc
         state = run_dir.state(cfg.trainer.epochs)
         if state == FINISHED:  # a finished stage is reused, so the demo can be re-run cheaply
             with open(run_dir.resolved) as f:
-                if yaml.safe_load(f) != to_dict(cfg):
+                if with_defaults(yaml.safe_load(f)) != to_dict(cfg):
                     raise DistillError(f"{run_dir.path} holds a demo run with other settings; pass --output <new dir>")
             print(f"[{label}] reusing finished run {run_dir.path}")
             with open(run_dir.summary) as f:

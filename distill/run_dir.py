@@ -15,9 +15,9 @@ import os
 from typing import Any, Dict, List, Optional
 
 from .checkpoint import load_checkpoint
-from .config import Config, load_config, to_dict
+from .config import Config, from_dict, to_dict
 from .errors import DistillError
-from .files import atomic_write
+from .files import atomic_write, load_yaml_mapping
 
 # Settings that may change between a run and its resumption without changing what is computed (the run's name
 # and folder say where it is, not what it computes: a moved or renamed run resumes).
@@ -37,6 +37,15 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -
         elif a != b and not path.startswith(RESUMABLE_CHANGES):
             changes.append(f"{path}: {a!r} -> {b!r}")
     return changes
+
+
+def with_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
+    """An earlier run's config with the settings added to distill since filled in with their defaults (the run
+    computed what the default computes), so a new setting never blocks resuming or reusing an older run."""
+    try:
+        return to_dict(from_dict(config, validate=False))
+    except DistillError:  # a section that no longer parses: compare as it is
+        return config
 
 
 class RunDir:
@@ -68,7 +77,7 @@ class RunDir:
 
     def check_reusable(self, cfg: Config, what: str) -> None:
         """A finished run is reused only for the config it ran (resumable settings aside)."""
-        changes = config_changes(to_dict(load_config(self.resolved)), to_dict(cfg))
+        changes = config_changes(with_defaults(load_yaml_mapping(self.resolved, 'resolved config')), to_dict(cfg))
         if changes:
             raise DistillError(f"{self.path} holds a finished {what} with another config "
                                f"({'; '.join(changes[:3])}); delete it or change trainer.run_name / output_dir")
@@ -83,7 +92,7 @@ class RunDir:
         return checkpoint
 
     def check_resumable(self, checkpoint: Dict[str, Any], cfg: Config) -> None:
-        changes = config_changes(checkpoint['config'], to_dict(cfg))
+        changes = config_changes(with_defaults(checkpoint['config']), to_dict(cfg))
         if changes:
             raise DistillError(f"cannot resume {self.path}: the config differs from the run's "
                                f"({'; '.join(changes[:3])}); resume with {self.resolved} or start a new "

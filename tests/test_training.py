@@ -142,6 +142,15 @@ def test_a_moved_and_renamed_run_resumes(tmp_path):
     assert summary['epochs'] == 2 and len(read_metrics(tmp_path / 'new' / 'second')) == 2
 
 
+def test_a_run_from_before_a_new_setting_existed_resumes(tmp_path):
+    Trainer(from_dict(digits_config(tmp_path, epochs=1)), quiet=True).fit()
+    last = tmp_path / 'run' / 'checkpoints' / 'last.pt'
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint['config']['data']['skip_bad_images']  # as written before the setting existed
+    torch.save(checkpoint, last)
+    assert Trainer(from_dict(digits_config(tmp_path, epochs=2)), resume=True, quiet=True).fit()['epochs'] == 2
+
+
 ATOMIC_WRITER = """
 import sys, torch
 from distill.files import atomic_save
