@@ -21,8 +21,8 @@ def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
         raise DistillError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise DistillError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
-    if device.type not in ('cuda', 'cpu') and not getattr(torch, device.type, None) or \
-            device.type == 'mps' and not torch.backends.mps.is_available():
+    backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)  # mps, xpu, ...
+    if device.type not in ('cuda', 'cpu') and not (hasattr(backend, 'is_available') and backend.is_available()):
         raise DistillError(f"trainer.device={name} is not available on this machine; use trainer.device=auto or cpu")
     if device.type == 'cuda' and local_rank is not None:
         device = torch.device('cuda', local_rank)
