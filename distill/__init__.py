@@ -2,6 +2,7 @@
 
 ``import distill`` registers the ``cifar_*`` architectures in timm's model registry.
 """
+from . import _startup  # first: a Ctrl-C while the command imports torch is one line, not a traceback
 from . import models  # noqa: F401  (registers the cifar_* models in timm)
 from .config import Config, load_config
 from .distiller import Distiller
@@ -14,6 +15,8 @@ from .evaluation import evaluate
 from .teachers import CachedTeacher, LiveTeacher
 from .trainer import Trainer
 from .data import Batch
+
+_startup.done()
 
 __version__ = '0.1.0'
 __all__ = ['Batch', 'CachedTeacher', 'LiveTeacher', 'Config', 'load_config', 'Distiller', 'DistillError', 'FeatureExtractor', 'LossTerm', 'SetupContext',

@@ -2,6 +2,7 @@
 import os
 import pickle
 import random
+import warnings
 from typing import Any, Dict
 
 import numpy as np
@@ -17,7 +18,9 @@ class NotACheckpoint(DistillError):
 def torch_load(path: str, what: str) -> Any:
     """``torch.load(weights_only=True)``: a damaged file, or one that holds pickled code, is a one-line error."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a pickled object: never suggest loading it anyway
         raise DistillError(f"{what} {path} was refused: it is not a plain weights file (it holds pickled Python "
                            f"objects, which loading would run); re-save its tensors (a state_dict) or use a "

@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> None:
     from .distributed import shutdown_distributed
     from .pipeline import run
     try:
-        run(load_config(args.recipe, args.overrides), resume=args.resume, quiet=args.quiet)
+        run(load_config(args.recipe, args.overrides, args.pair, args.method), resume=args.resume, quiet=args.quiet)
     finally:  # under torchrun: leave the process group cleanly
         shutdown_distributed()
 
@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='distill', description='Knowledge distillation on timm models.')
     sub = parser.add_subparsers(dest='command', required=True)
     train = sub.add_parser('train', help='train from a YAML recipe')
-    train.add_argument('recipe', help='YAML recipe, e.g. experiments/cifar100/resnet32x4-resnet8x4/kd.yaml')
+    train.add_argument('recipe', help='YAML recipe, or a pair table with --pair and --method, e.g. '
+                                      'experiments/cifar100/pairs.yaml --pair resnet32x4-resnet8x4 --method kd')
+    train.add_argument('--pair', help='a pair of the pair table, e.g. resnet32x4-resnet8x4')
+    train.add_argument('--method', help='a method of the pair table (its methods/<method>.yaml), e.g. dkd')
     train.add_argument('overrides', nargs='*', help='dotted overrides, e.g. trainer.epochs=2 optimizer.lr=0.1')
     train.add_argument('--resume', action='store_true', help="continue the run from its checkpoints/last.pt")
     train.add_argument('--quiet', action='store_true', help='no per-epoch lines on stdout')
@@ -185,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--weight-decay', type=float, default=1e-4)
     probe.add_argument('--max-iter', type=int, default=200)
     probe.set_defaults(func=_probe)
-    grid = sub.add_parser('grid', help='run recipes x seeds; skips finished runs, resumes interrupted ones')
-    grid.add_argument('grid', help='grid YAML: recipes, seeds, output_dir, overrides')
+    grid = sub.add_parser('grid', help='run recipes (or pairs x methods) x seeds; skips finished runs, resumes '
+                                       'interrupted ones')
+    grid.add_argument('grid', help='grid YAML: recipes or table/pairs/methods, seeds, output_dir, overrides')
     grid.add_argument('--parallel', type=int, default=1, help='runs at once (separate processes)')
     grid.add_argument('--dry-run', action='store_true', help='only list each run and its state')
     grid.set_defaults(func=_grid)

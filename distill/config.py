@@ -1,11 +1,10 @@
-"""Typed configuration: YAML recipes (with ``base:`` inheritance) plus dotted ``key=value`` overrides.
+"""Typed configuration of a recipe (read by ``recipes``: ``base:`` inheritance, pair tables, overrides).
 
 Every key is checked against the dataclasses below: an unknown key names the nearest known one, a wrong type
 names the expected one. ``resolved.yaml`` in a run directory holds the full resolved config.
 """
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -13,7 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .errors import DistillError, nearest
-from .files import atomic_write_text, load_yaml_mapping
+from .files import atomic_write_text
+from .recipes import apply_overrides, recipe_data
 
 
 @dataclass
@@ -129,6 +129,7 @@ class WandbConfig:
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     init_timeout: float = 30.0  # online: seconds to wait for the W&B server before logging offline instead
+    strict: bool = False  # online: exit 2 before the run writes anything when W&B cannot be reached (no offline)
 
 
 @dataclass
@@ -275,64 +276,17 @@ def from_dict(data: Dict[str, Any], validate: bool = True) -> Config:
     return cfg
 
 
-def _read_yaml(path: str, chain: Sequence[str] = ()) -> Dict[str, Any]:
-    if os.path.abspath(path) in chain:
-        cycle = ' -> '.join(os.path.relpath(p) for p in list(chain) + [os.path.abspath(path)])
-        raise DistillError(f"recipe {path} includes itself through base: ({cycle}); remove one of these base: "
-                           f"entries")
-    if not os.path.isfile(path):
-        raise DistillError(f"recipe not found: {path} (check the path; recipes live under experiments/)")
-    data = load_yaml_mapping(path, 'recipe')
-    teacher = data.get('teacher')
-    if isinstance(teacher, dict) and isinstance(teacher.get('recipe'), str):  # relative to the naming recipe
-        teacher['recipe'] = os.path.normpath(os.path.join(os.path.dirname(path), teacher['recipe']))
-    base = data.pop('base', None)
-    if base is None:
-        return data
-    bases = [base] if isinstance(base, str) else base
-    merged: Dict[str, Any] = {}
-    for item in bases:  # 'base:' paths are relative to the recipe that names them
-        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), item),
-                                           [*chain, os.path.abspath(path)]))
-    return _merge(merged, data)
+def load_config(path: str, overrides: Sequence[str] = (), pair: Optional[str] = None,
+                method: Optional[str] = None) -> Config:
+    """A recipe file (or run ``pair`` x ``method`` of a pair table) with ``overrides``, typed and checked."""
+    return config_of(*recipe_data(path, pair, method), overrides)
 
 
-def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != 'losses':
-            out[key] = _merge(out[key], value)
-        else:  # a recipe's losses replace its base's, so a KD recipe never inherits stray terms
-            out[key] = value
-    return out
-
-
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``a.b=value`` strings (values parsed as YAML: 2, 0.1, true, null, [1, 2])."""
-    data = _merge({}, data)
-    for item in overrides:
-        if '=' not in item:
-            raise DistillError(f"override '{item}' must look like section.key=value, e.g. trainer.epochs=2")
-        path, raw = item.split('=', 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        keys = path.split('.')
-        node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[keys[-1]] = value
-    return data
-
-
-def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    data = apply_overrides(_read_yaml(path), overrides)
-    cfg = from_dict(data)
+def config_of(data: Dict[str, Any], run_name: str, overrides: Sequence[str] = ()) -> Config:
+    """The checked config of a recipe's mapping (``recipes``) with ``overrides``; ``run_name`` unless it sets one."""
+    cfg = from_dict(apply_overrides(data, overrides))
     if cfg.trainer.run_name is None:
-        cfg.trainer.run_name = os.path.splitext(os.path.basename(path))[0]
+        cfg.trainer.run_name = run_name
     return cfg
 
 

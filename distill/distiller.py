@@ -105,13 +105,16 @@ class Distiller(nn.Module):
             if term.pre_stage_epochs and Need.PRE_STAGE not in term.needs:
                 raise DistillError(f"loss term '{name}' has a pre-stage but does not declare Need.PRE_STAGE")
         needs = frozenset(need for term in self.loss_terms.values() for need in term.needs)
-        if isinstance(self.teacher, CachedTeacher) and Need.STRONG_VIEW in needs:
-            raise DistillError("a teacher cache cannot serve a RandAugment view (MLKD): it has no finite set of "
-                               "views to cache; set teacher_cache.enabled=false")
+        if isinstance(self.teacher, CachedTeacher) and needs & {Need.STRONG_VIEW, Need.TEACHER_BATCH_STATISTICS}:
+            raise DistillError("a teacher cache cannot serve a RandAugment view (MLKD) or a teacher on batch "
+                               "statistics: neither has a fixed output per (image, view); set "
+                               "teacher_cache.enabled=false")
         return needs
 
     def train(self, mode: bool = True) -> 'Distiller':
-        super().train(mode)  # the teacher keeps itself in eval mode
+        super().train(mode)  # the teacher keeps itself in eval mode, unless a term reproduces a train-mode teacher
+        if mode and Need.TEACHER_BATCH_STATISTICS in self.needs:
+            self.teacher.model.train()
         if mode and self.freezer is not None:  # frozen BatchNorm layers keep their pretrained statistics
             self.freezer.set_eval_modes()
         return self

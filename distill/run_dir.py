@@ -20,10 +20,11 @@ from .errors import DistillError
 from .files import atomic_write, load_yaml_mapping
 
 # Settings that may change between a run and its resumption without changing what is computed (the run's name
-# and folder say where it is, not what it computes: a moved or renamed run resumes).
+# and folder say where it is, not what it computes: a moved or renamed run resumes; so does teacher.recipe, the
+# file that trained the teacher, whose weights file teacher.checkpoint is compared).
 RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
                      'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir',
-                     'trainer.run_name', 'trainer.output_dir')
+                     'trainer.run_name', 'trainer.output_dir', 'teacher.recipe')
 NEW, INTERRUPTED, FINISHED = 'new', 'interrupted', 'finished'
 
 

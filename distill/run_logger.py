@@ -1,12 +1,52 @@
 """Where a run's numbers go: stdout + ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``summary.json``, and
 Weights & Biases through the real ``wandb`` library (``online``, ``offline`` or ``disabled``)."""
 import json
+import os
+import tempfile
 from typing import Any, Dict, List, Optional
 
 from .config import WandbConfig
 from .errors import DistillError
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text, space_errors
 from .run_dir import RunDir
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise DistillError("wandb.mode is set but the wandb package is missing; pip install wandb or set "
+                           "wandb.mode=disabled") from None
+    return wandb
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+
+
+def _unreachable(exc: Exception) -> str:
+    return (f"W&B is unreachable ({_reason(exc)}) and wandb.strict=true; check the network and `wandb login`, or "
+            f"set wandb.strict=false to log offline and upload later with `wandb sync`")
+
+
+def check_wandb_reachable(wandb_cfg: WandbConfig) -> None:
+    """``wandb.strict`` online logging: the W&B server accepts the API key within ``wandb.init_timeout`` seconds,
+    checked before the run writes anything (wandb's own service files go to a scratch folder); else one line."""
+    if wandb_cfg.mode != 'online' or not wandb_cfg.strict:
+        return
+    wandb = _import_wandb()
+    previous = os.environ.get('WANDB_DIR')
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ['WANDB_DIR'] = scratch
+        try:
+            wandb.Api(timeout=max(1, int(wandb_cfg.init_timeout))).viewer
+        except Exception as exc:  # noqa: BLE001 (UsageError without a key, AuthenticationError, timeouts, ...)
+            raise DistillError(_unreachable(exc)) from None
+        finally:
+            if previous is None:
+                del os.environ['WANDB_DIR']
+            else:
+                os.environ['WANDB_DIR'] = previous
 
 
 class RunLogger:
@@ -17,11 +57,7 @@ class RunLogger:
         self.log_file = open(run_dir.log, 'a')
         self.wandb_run = None
         if wandb_cfg.mode != 'disabled':
-            try:
-                import wandb
-            except ImportError:
-                raise DistillError("wandb.mode is set but the wandb package is missing; pip install wandb or "
-                                   "set wandb.mode=disabled") from None
+            wandb = _import_wandb()
             settings = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
                             tags=wandb_cfg.tags, config=config, dir=run_dir.path, id=wandb_id,
                             resume='allow' if wandb_id else None)
@@ -36,8 +72,9 @@ class RunLogger:
             return wandb.init(mode='online', settings=wandb.Settings(init_timeout=wandb_cfg.init_timeout),
                               **settings)
         except Exception as exc:  # noqa: BLE001 (wandb raises CommError, UsageError, ... for the same situation)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            self.info(f"W&B is unreachable ({type(exc).__name__}: {reason}); logging offline to "
+            if wandb_cfg.strict:
+                raise DistillError(_unreachable(exc)) from None
+            self.info(f"W&B is unreachable ({_reason(exc)}); logging offline to "
                       f"{settings['dir']}/wandb (upload later with `wandb sync`)")
             return wandb.init(mode='offline', **settings)
 
@@ -48,8 +85,9 @@ class RunLogger:
     def info(self, message: str) -> None:
         if not self.quiet:
             print(message, flush=True)
-        self.log_file.write(message + '\n')
-        self.log_file.flush()
+        with space_errors(self.run_dir.log):
+            self.log_file.write(message + '\n')
+            self.log_file.flush()
 
     def rewrite_history(self, history: List[Dict[str, Any]]) -> None:
         """On resume, metrics.jsonl is rewritten from the checkpoint so it never holds epochs the checkpoint
@@ -57,7 +95,7 @@ class RunLogger:
         atomic_write_text(self.metrics_path, ''.join(json.dumps(record) + '\n' for record in history))
 
     def log_epoch(self, record: Dict[str, Any]) -> None:
-        with open(self.metrics_path, 'a') as f:
+        with space_errors(self.metrics_path), open(self.metrics_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != 'epoch'}, step=record['epoch'])

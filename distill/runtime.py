@@ -82,29 +82,36 @@ class Runtime:
 
 
 class CompiledForward:
-    """Calls ``module`` with ``models`` compiled in place (``nn.Module.compile``: state_dict keys unchanged); a
-    compiler failure at the first call of a process (also after a resume) falls back to eager models, logged, so a
-    run is never lost to the compiler. (Compiling the whole step instead lost the graph's gradient in a
+    """Calls ``module`` (``__call__``) or any function of the compiled models (``run``: evaluation) with ``models``
+    compiled in place (``nn.Module.compile``: state_dict keys unchanged). A call that fails compiled and succeeds
+    under ``torch.compiler.set_stance('force_eager')`` was the compiler's failure (at the first step or at a later
+    recompilation): it is logged and the process goes on eagerly, so a run is never lost to the compiler; an error
+    that eager execution repeats is raised. (Compiling the whole step instead lost the graph's gradient in a
     student-only step on torch 2.14, so the models are compiled, as before.)"""
 
     def __init__(self, module: nn.Module, models: Sequence[nn.Module], enabled: bool, log: Callable[[str], None]):
-        self.module, self.models, self.log = module, [m for m in models if m is not None], log
-        self.active = self.unchecked = enabled
+        self.module, self.log, self.active = module, log, enabled
         if enabled:
-            for model in self.models:
-                model.compile()
+            for model in models:
+                if model is not None:
+                    model.compile()
 
     def __call__(self, *args: Any) -> Any:
+        return self.run(self.module, *args)
+
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        if not self.active:
+            with torch.compiler.set_stance('force_eager'):  # a no-op when nothing was compiled
+                return function(*args)
         try:
-            return self.module(*args)
-        except Exception as exc:  # noqa: BLE001 (a compiler failure at the first step: fall back, never lose the run)
-            if not self.unchecked or isinstance(exc, DistillError):
-                raise
-            for model in self.models:  # nn.Module.compile has no public inverse
-                model._compiled_call_impl = None
+            return function(*args)
+        except DistillError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (retried eagerly below; raised again unless it was the compiler)
+            with torch.compiler.set_stance('force_eager'):
+                out = function(*args)
             self.active = False
-            self.log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                     f"training eagerly")
-            return self.module(*args)
-        finally:
-            self.unchecked = False
+            cause = getattr(exc, 'inner_exception', None)  # BackendCompilerFailed wraps the backend's error
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            self.log(f"torch.compile failed ({type(exc).__name__}: {reason.splitlines()[0][:160]}); training eagerly")
+            return out

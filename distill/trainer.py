@@ -28,7 +28,7 @@ from .losses import Need, declared_needs
 from .models.factory import check_input_size, check_model_config, create_model, init_from
 from .optim import check_scheduler, create_optimizer, create_scheduler
 from .run_dir import RunDir
-from .run_logger import NullLogger, RunLogger
+from .run_logger import NullLogger, RunLogger, check_wandb_reachable
 from .runtime import CompiledForward, Runtime
 from .teacher_cache import open_teacher_cache
 from .teachers import CachedTeacher, LiveTeacher, cache_blocker
@@ -53,6 +53,8 @@ class Trainer:
             if model_cfg:  # fail before the (slow) data loading
                 check_model_config(model_cfg, role)
         check_scheduler(cfg.scheduler)
+        if self.dist.is_main:
+            check_wandb_reachable(cfg.wandb)  # wandb.strict: before anything is written
 
         seed_everything(cfg.trainer.seed)
         needs = declared_needs(cfg.losses)
@@ -100,7 +102,6 @@ class Trainer:
         else:  # a fresh start in a directory whose first epoch never finished
             self.logger.rewrite_history([])
 
-    # --- setup -----------------------------------------------------------------------------------------
     def _teacher_model(self) -> nn.Module:
         model = create_model(self.cfg.teacher, self.data.num_classes, 'teacher')
         check_input_size(model, self.cfg.data.image_size, 'teacher', self.cfg.teacher.name)
@@ -156,7 +157,6 @@ class Trainer:
         self.logger.rewrite_history(self.history)
         self.logger.info(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
 
-    # --- training --------------------------------------------------------------------------------------
     def _update(self, forward, optimizer, scaler, parameters, batch: Batch, epoch: int,
                 reduce_grads: bool = False) -> Dict[str, Any]:
         """One optimisation step: forward under autocast, scaled backward, clip, step. ``batch.loss_scale``
@@ -304,8 +304,8 @@ class Trainer:
                     f"train {record['train_top1']:.2f}{val_text} ({record['epoch_time']:.1f}s)")
 
     def _evaluate(self, model: nn.Module) -> Dict[str, float]:
-        runtime = self.runtime
-        return evaluate(model, self.data.val, self.device, runtime.amp_dtype, self.dist, runtime.memory_format)
+        return self.forward.run(evaluate, model, self.data.val, self.device, self.runtime.amp_dtype, self.dist,
+                                self.runtime.memory_format)
 
     def _describe(self) -> None:
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731

@@ -1,5 +1,6 @@
 """The command line: train/eval on real digits, and every user mistake as one stderr line with exit code 2."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -240,3 +241,70 @@ def test_real_process_exit_code_and_clean_stderr(tmp_path):
     assert result.stderr.strip().splitlines() == ['distill: error: data.batch_size must be > 0, got 0; set e.g. '
                                                   'data.batch_size=64']
     assert not (tmp_path / 'runs').exists()
+
+
+INTERRUPT_DURING_IMPORT = """
+import os, signal, sys, threading
+sys.argv[0] = {argv0!r}
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # torch alone takes longer to import
+import distill
+print('imported')
+"""
+
+
+@pytest.mark.parametrize('argv0, code, stderr', [
+    ('distill', 130, ['distill: interrupted while starting; nothing was written']),  # the console script
+    ('-m', 130, ['distill: interrupted while starting; nothing was written']),  # python -m distill
+])
+def test_ctrl_c_while_the_command_starts_is_one_line(argv0, code, stderr):
+    result = subprocess.run([sys.executable, '-c', INTERRUPT_DURING_IMPORT.format(argv0=argv0)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr.strip().splitlines(), result.stdout) == (code, stderr, '')
+
+
+def test_ctrl_c_while_python_imports_the_package_stays_a_keyboard_interrupt():
+    result = subprocess.run([sys.executable, '-c', INTERRUPT_DURING_IMPORT.format(argv0='-c')], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 130 and 'KeyboardInterrupt' in result.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path):
+    """A file-size limit (as `ulimit -f`) below a checkpoint's size: exit 2 naming the file, the previous last.pt
+    intact and no temporary left; with space again, --resume finishes the run."""
+    import resource
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
+    command = [sys.executable, '-m', 'distill', 'train', recipe, '--quiet']
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    checkpoints = tmp_path / 'runs' / 'run' / 'checkpoints'
+    before = tree_digest(checkpoints)
+    limit = os.path.getsize(checkpoints / 'last.pt') // 2  # the logs fit, a checkpoint does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    result = subprocess.run(command + ['trainer.epochs=2', '--resume'], cwd=REPO, capture_output=True, text=True,
+                            preexec_fn=limited)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"distill: error: could not write {checkpoints}{os.sep}") and 'the last checkpoint' in line
+    assert tree_digest(checkpoints) == before and not list(checkpoints.glob('*.tmp'))
+    assert subprocess.run(command + ['trainer.epochs=2', '--resume'], cwd=REPO, capture_output=True).returncode == 0
+    assert json.load(open(tmp_path / 'runs' / 'run' / 'summary.json'))['epochs'] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('key', [None, 'a' * 40])
+def test_strict_wandb_without_a_server_exits_before_anything_is_written(tmp_path, key):
+    pytest.importorskip('wandb')
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(
+        tmp_path / 'runs', epochs=1, wandb={'mode': 'online', 'strict': True, 'init_timeout': 3}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_')}
+    env.update(HOME=str(tmp_path / 'home'), WANDB_BASE_URL='http://127.0.0.1:9')  # no ~/.netrc key; no server
+    if key:
+        env['WANDB_API_KEY'] = key
+    result = subprocess.run([sys.executable, '-m', 'distill', 'train', recipe], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith('distill: error: W&B is unreachable (') and 'wandb.strict=true' in line
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'wandb').exists()

@@ -8,12 +8,11 @@ from distill.config import load_config
 from distill.errors import DistillError
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
-CRD_RECIPES = ['experiments/cifar100/resnet32x4-resnet8x4/kd.yaml', 'experiments/cifar100/vgg13-vgg8/kd.yaml']
 
 
-@pytest.mark.parametrize('recipe', CRD_RECIPES)
-def test_crd_recipes_resolve_to_the_crd_protocol(recipe):
-    cfg = load_config(os.path.join(REPO, recipe))
+@pytest.mark.parametrize('pair', ['resnet32x4-resnet8x4', 'vgg13-vgg8'])
+def test_crd_recipes_resolve_to_the_crd_protocol(pair):
+    cfg = load_config(os.path.join(REPO, 'experiments/cifar100/pairs.yaml'), pair=pair, method='kd')
     assert cfg.trainer.epochs == 240 and cfg.data.batch_size == 64 and cfg.data.name == 'cifar100'
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == \
         ('momentum', 0.05, 0.9, 5e-4)

@@ -183,3 +183,26 @@ def test_every_method_steps_on_cifar_zoo_pairs(teacher_name, student_name):
             assert torch.isfinite(_one_step(distiller, images, targets)['terms'][method]), method
         if term.pre_stage_epochs > 0:
             assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0, method
+
+
+def test_a_term_on_teacher_batch_statistics_refuses_the_teacher_cache():
+    """Need.TEACHER_BATCH_STATISTICS (e.g. OFD's teacher_batch_statistics): the teacher's logits depend on the
+    batch, so no (image, view) table can serve them, even for a logit-only term."""
+    from distill import CachedTeacher, DistillError, LossTerm
+    from distill.losses import register_loss
+
+    @register_loss('test_batch_statistics')
+    class BatchStatistics(LossTerm):
+        requires_teacher = True
+        needs = frozenset({Need.TEACHER_BATCH_STATISTICS})
+
+        def forward(self, step):
+            return (step.student_logits - step.teacher_logits).pow(2).mean()
+
+    teacher, student = (timm.create_model(name, num_classes=10) for name in ('cifar_resnet14', 'cifar_resnet8'))
+    with pytest.raises(DistillError, match='a teacher on batch statistics'):
+        Distiller(CachedTeacher(teacher, cache=None), student, {'test_batch_statistics': 1.0}, input_size=(3, 16, 16),
+                  train_targets=TRAIN_TARGETS)
+    distiller = Distiller(teacher, student, {'test_batch_statistics': 1.0}, input_size=(3, 16, 16),
+                          train_targets=TRAIN_TARGETS).train()
+    assert distiller.teacher.model.training and not distiller.eval().teacher.model.training

@@ -45,3 +45,40 @@ def test_grid_errors_are_one_line(tmp_path, capsys):
     grid.write_text(yaml.safe_dump({'recipes': ['nothing*.yaml']}))
     assert main(['grid', str(grid)]) == 2
     assert "recipe pattern 'nothing*.yaml' matches no file" in capsys.readouterr().err
+
+
+def test_a_grid_over_a_pair_table_runs_pairs_x_methods_x_seeds(tmp_path, capsys):
+    os.makedirs(tmp_path / 'methods')
+    protocol = digits_config(tmp_path / 'unused', 'unused', epochs=1)
+    for key in ('student', 'losses'):
+        del protocol[key]
+    del protocol['trainer']['run_name']
+    (tmp_path / 'protocol.yaml').write_text(yaml.safe_dump(protocol))
+    (tmp_path / 'teacher.yaml').write_text(yaml.safe_dump({'base': 'protocol.yaml', 'student': {'name': 'cifar_resnet14'},
+                                                            'losses': {'ce': 1.0}}))
+    (tmp_path / 'methods' / 'baseline.yaml').write_text(yaml.safe_dump({'teacher': None, 'losses': {'ce': 1.0}}))
+    (tmp_path / 'methods' / 'kd.yaml').write_text(yaml.safe_dump({'losses': {'ce': 0.1, 'kd': 0.9}}))
+    (tmp_path / 'pairs.yaml').write_text(yaml.safe_dump({'protocol': 'protocol.yaml', 'methods': 'methods', 'pairs': {
+        'r14-r8': {'teacher': 'teacher.yaml', 'student': 'cifar_resnet8'},
+        'r14-r14': {'teacher': 'teacher.yaml', 'student': 'cifar_resnet14', 'lr': 0.02, 'skip': ['kd']}}},
+        sort_keys=False))
+    grid = tmp_path / 'grid.yaml'
+    grid.write_text(yaml.safe_dump({'table': 'pairs.yaml', 'seeds': [0, 1], 'output_dir': str(tmp_path / 'runs')}))
+    assert main(['grid', str(grid), '--dry-run']) == 0
+    assert [line.split()[1].rsplit(os.sep, 1)[1] for line in capsys.readouterr().out.splitlines()] == [
+        'r14-r8-baseline-seed0', 'r14-r8-baseline-seed1', 'r14-r8-kd-seed0', 'r14-r8-kd-seed1',
+        'r14-r14-baseline-seed0', 'r14-r14-baseline-seed1']  # r14-r14 skips kd
+    grid.write_text(yaml.safe_dump({'table': 'pairs.yaml', 'pairs': ['r14-r14'], 'methods': ['baseline'],
+                                    'seeds': [1], 'output_dir': str(tmp_path / 'runs')}))
+    assert main(['grid', str(grid)]) == 0  # a real process: distill train pairs.yaml --pair ... --method ...
+    resolved = yaml.safe_load(open(tmp_path / 'runs' / 'r14-r14-baseline-seed1' / 'resolved.yaml'))
+    assert (resolved['student']['name'], resolved['optimizer']['lr'], resolved['trainer']['seed']) == \
+        ('cifar_resnet14', 0.02, 1) and resolved['teacher'] is None
+    assert json.load(open(tmp_path / 'runs' / 'r14-r14-baseline-seed1' / 'summary.json'))['epochs'] == 1
+    for change, message in [({'methods': ['kdd']}, "unknown method 'kdd' (did you mean 'kd'?)"),
+                            ({'pairs': ['r14-r9']}, "unknown pair 'r14-r9' (did you mean 'r14-r8'?)"),
+                            ({'recipes': ['*.yaml']}, "give either 'table' (pairs x methods) or 'recipes'"),
+                            ({'tables': 'x'}, "unknown key 'tables' (did you mean 'table'?)")]:
+        grid.write_text(yaml.safe_dump({'table': 'pairs.yaml', **change}))
+        assert main(['grid', str(grid)]) == 2
+        assert message in capsys.readouterr().err

@@ -304,29 +304,37 @@ def test_class_subsets_random_per_class_subsets_and_sparse_evaluation(tmp_path):
 
 @pytest.mark.slow
 def test_a_teacher_recipe_trains_the_teacher_once_when_no_checkpoint_is_given(tmp_path, capsys):
-    """``teacher.recipe`` (relative to the recipe naming it) runs first when ``teacher.checkpoint`` is not given;
-    a second distillation (e.g. another method of a grid) reuses the finished teacher run."""
+    """A pair table's runs: the pair's teacher recipe (relative to the table) runs first when ``teacher.checkpoint``
+    is not given; a second method of the pair (as in a grid) reuses the finished teacher run; the pair's loss
+    options reach the method's term."""
     import yaml
     from distill.cli import main
-    os.makedirs(tmp_path / 'pair')
-    (tmp_path / 'pair' / 'teacher.yaml').write_text(yaml.safe_dump(
-        digits_config(tmp_path / 'runs', 'the-teacher', epochs=2, student={'name': 'cifar_resnet14'})))
+    os.makedirs(tmp_path / 'pair' / 'methods')
     kd = digits_config(tmp_path / 'runs', 'kd', epochs=1, teacher={'name': 'cifar_resnet14', 'recipe': 'teacher.yaml'},
                        losses={'ce': 0.1, 'kd': 0.9})
-    (tmp_path / 'pair' / 'kd.yaml').write_text(yaml.safe_dump(kd))
-    dkd = {'base': 'kd.yaml', 'losses': {'ce': 1.0, 'dkd': 1.0}, 'trainer': {'run_name': 'dkd'}}
-    (tmp_path / 'pair' / 'dkd.yaml').write_text(yaml.safe_dump(dkd))
-    assert main(['train', str(tmp_path / 'pair' / 'kd.yaml'), '--quiet']) == 0
+    protocol = {key: value for key, value in kd.items() if key not in ('student', 'teacher', 'losses')}
+    protocol['trainer'] = {key: value for key, value in kd['trainer'].items() if key != 'run_name'}
+    (tmp_path / 'pair' / 'protocol.yaml').write_text(yaml.safe_dump(protocol))
+    (tmp_path / 'pair' / 'teacher.yaml').write_text(yaml.safe_dump(
+        digits_config(tmp_path / 'runs', 'the-teacher', epochs=2, student={'name': 'cifar_resnet14'})))
+    (tmp_path / 'pair' / 'methods' / 'kd.yaml').write_text(yaml.safe_dump({'losses': kd['losses']}))
+    (tmp_path / 'pair' / 'methods' / 'dkd.yaml').write_text(yaml.safe_dump({'losses': {'ce': 1.0, 'dkd': 1.0}}))
+    table = tmp_path / 'pair' / 'pairs.yaml'
+    table.write_text(yaml.safe_dump({'protocol': 'protocol.yaml', 'methods': 'methods', 'pairs': {
+        'r14-r8': {'teacher': 'teacher.yaml', 'student': 'cifar_resnet8', 'losses': {'dkd': {'beta': 2.0}}}}}))
+    assert main(['train', str(table), '--pair', 'r14-r8', '--method', 'kd', '--quiet']) == 0
     teacher = json.load(open(tmp_path / 'runs' / 'the-teacher' / 'summary.json'))
-    assert json.load(open(tmp_path / 'runs' / 'kd' / 'summary.json'))['teacher_top1'] == teacher['best_top1']
+    assert json.load(open(tmp_path / 'runs' / 'r14-r8-kd' / 'summary.json'))['teacher_top1'] == teacher['best_top1']
     capsys.readouterr()
-    assert main(['train', str(tmp_path / 'pair' / 'dkd.yaml')]) == 0
+    assert main(['train', str(table), '--pair', 'r14-r8', '--method', 'dkd']) == 0
     assert 'teacher training' in capsys.readouterr().out  # "... already done"
     assert json.load(open(tmp_path / 'runs' / 'the-teacher' / 'summary.json')) == teacher
+    resolved = yaml.safe_load(open(tmp_path / 'runs' / 'r14-r8-dkd' / 'resolved.yaml'))
+    assert resolved['losses'] == {'ce': 1.0, 'dkd': {'weight': 1.0, 'beta': 2.0}}
     # the Python API never trains silently from a teacher without weights
     with pytest.raises(DistillError, match='the teacher has no weights yet'):
         Trainer(from_dict({**kd, 'teacher': {'name': 'cifar_resnet14', 'recipe': 'x.yaml'}}), quiet=True)
-    # a recipe that trains another model is refused
+    # a plain recipe whose teacher recipe trains another model is refused
     (tmp_path / 'pair' / 'wrong.yaml').write_text(yaml.safe_dump(
         {**kd, 'teacher': {'name': 'cifar_resnet20', 'recipe': 'teacher.yaml'}}))
     assert main(['train', str(tmp_path / 'pair' / 'wrong.yaml')]) == 2

@@ -25,6 +25,9 @@ class Need(str, enum.Enum):
     SAMPLE_INDICES = 'sample indices'  # each sample's position in the training split
     PER_SAMPLE_STATE = 'per-sample state'  # state updated per training sample (memory banks): one process only
     PRE_STAGE = 'pre-stage'  # trains its own modules before epoch 1 (pre_stage_epochs)
+    # the teacher's BatchNorm normalises with each batch's statistics while training (its reference code's train
+    # mode); its outputs then depend on the batch, so no cache can serve them
+    TEACHER_BATCH_STATISTICS = 'teacher batch statistics'
 
 
 @dataclass

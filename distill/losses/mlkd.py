@@ -15,7 +15,10 @@ student's cross-entropy on the strong view (``ce_weight``, like its weak-view cr
 ``ce`` term); this term owns it, so the term is ``kd_weight * MLKD + ce_weight * CE(strong view)`` with term weight
 1. Defaults: KD weight 0.9, CE weight 0.1 on each view (the mdistiller KD defaults its configs inherit; the
 official CIFAR-100 recipes train 480 epochs at lr 0.025).
-``logit_standardization`` z-scores the logits of the KD terms (Sun et al., CVPR 2024).
+``temperature`` is the first of the five (the official ``cfg.KD.TEMPERATURE``, 4; the others are fixed in the
+official code). ``logit_standardization`` z-scores the logits of the KD terms, not of the bc/cc terms (Sun et al.,
+CVPR 2024, sunshangquan/logit-standardization-KD ``distillers/MLKD.py``, run there with ``--base-temp 2``:
+``temperature=2``).
 """
 from typing import Sequence
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .ce import cross_entropy_loss
-from .kd import kd_loss
+from .kd import check_temperature, kd_loss
 
 TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)
 
@@ -71,14 +74,17 @@ class MLKDLoss(LossTerm):
     needs = frozenset({Need.STRONG_VIEW})
     requires_teacher = True
 
-    def __init__(self, kd_weight: float = 0.9, ce_weight: float = 0.1, logit_standardization: bool = False):
+    def __init__(self, kd_weight: float = 0.9, ce_weight: float = 0.1, temperature: float = 4.0,
+                 logit_standardization: bool = False):
         super().__init__()
         if kd_weight < 0 or ce_weight < 0:
             raise ValueError(f'kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}')
+        check_temperature(temperature)
         self.kd_weight, self.ce_weight, self.logit_standardization = kd_weight, ce_weight, logit_standardization
+        self.temperatures = (temperature, *TEMPERATURES[1:])
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
         distillation = mlkd_loss(step.student_logits, step.teacher_logits, step.student_logits_strong,
-                                 step.teacher_logits_strong, TEMPERATURES, self.logit_standardization)
+                                 step.teacher_logits_strong, self.temperatures, self.logit_standardization)
         return self.kd_weight * distillation + self.ce_weight * cross_entropy_loss(step.student_logits_strong,
                                                                                    step.targets)

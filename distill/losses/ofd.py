@@ -7,8 +7,11 @@ exceeds a negative teacher value, (s - margin)^2 where the student exceeds the m
 it. The per-channel margin is E[x | x < 0] for x ~ N(beta, gamma^2) of the teacher BN before the ReLU (or -3 gamma
 when P(x < 0) <= 0.001). Per stage: mean over the batch, sum over the rest, divided by 2^(n - 1 - i).
 Follows mdistiller ``distillers/OFD.py``: stages ``preact_feats[1:]`` of both models aligned from the deepest,
-feature weight 0.001 with CE 1. Difference: mdistiller's ``train()`` also puts the teacher in train mode (its
-BN then normalises with batch statistics); here the teacher stays in eval mode, as for every method.
+feature weight 0.001 with CE 1. Difference by default: mdistiller's ``OFD.train()`` (like the authors' code,
+clovaai/overhaul-distillation, ``t_net.train()``) puts the teacher in train mode, so its BatchNorm normalises each
+batch with that batch's statistics; here the teacher stays in eval mode (its trained statistics), as for every
+method. ``teacher_batch_statistics=True`` reproduces the reference (the teacher's features then depend on the
+batch; its running statistics, used only by eval mode, are updated as in the reference and never saved).
 """
 import math
 from typing import List
@@ -56,6 +59,11 @@ class OFDLoss(LossTerm):
     needs = frozenset({Need.TEACHER_FEATURES})
     pairs = 'CNN teacher (BN + ReLU stages)'
     requires_teacher = True
+
+    def __init__(self, teacher_batch_statistics: bool = False):
+        super().__init__()
+        if teacher_batch_statistics:
+            self.needs = self.needs | {Need.TEACHER_BATCH_STATISTICS}
 
     def resolve_layers(self, student, teacher) -> None:
         self.student_stages, self.teacher_stages = deepest_stages(student, teacher)

@@ -16,12 +16,17 @@ from helpers import assert_matches_reference, digits_config, random_logits, stri
 
 
 def ref_mlkd(logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong,
-             temperature=4.0):
+             temperature=4.0, logit_stand=False):
     """Official MLKD mdistiller/distillers/MLKD.py: forward_train's distillation terms (kd, cc and bc on the
-    weak view, kd on the strong view), with its kd_loss/cc_loss/bc_loss and numpy percentile gates."""
+    weak view, kd on the strong view), with its kd_loss/cc_loss/bc_loss and numpy percentile gates; with
+    ``logit_stand`` as sunshangquan/logit-standardization-KD distillers/MLKD.py (z-scored kd_loss only)."""
     import numpy as np
 
+    def normalize(logit):
+        return (logit - logit.mean(dim=-1, keepdims=True)) / (1e-7 + logit.std(dim=-1, keepdims=True))
+
     def kd_loss(s, t, T):
+        s, t = (normalize(s), normalize(t)) if logit_stand else (s, t)
         return F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="none").sum(1).mean() * T ** 2
 
     def cc_loss(s, t, T):
@@ -55,6 +60,20 @@ def test_mlkd_matches_reference_value_and_gradients():
     student, teacher = random_logits(gen), random_logits(gen)  # [weak, strong] views
     assert_matches_reference(lambda s, t: mlkd_loss(s[0], t[0], s[1], t[1]),
                              lambda s, t: ref_mlkd(s[0], t[0], s[1], t[1]), student, teacher)
+
+
+def test_mlkd_with_logit_standardization_at_base_temperature_2_matches_the_reference():
+    """The logit-standardization paper's MLKD runs: --logit-stand --base-temp 2 (temperatures 2, 3, 5, 2, 6)."""
+    from distill.losses.base import StepOutputs
+    from distill.losses.mlkd import MLKDLoss
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = random_logits(gen), random_logits(gen)
+    term = MLKDLoss(kd_weight=1.0, ce_weight=0.0, temperature=2.0, logit_standardization=True)
+    ours = lambda s, t: term(StepOutputs(s[0], torch.zeros(len(s[0]), dtype=torch.long), t[0],  # noqa: E731
+                                         student_logits_strong=s[1], teacher_logits_strong=t[1]))
+    assert_matches_reference(ours, lambda s, t: ref_mlkd(s[0], t[0], s[1], t[1], 2.0, logit_stand=True),
+                             student, teacher)
+    assert term.temperatures == (2.0, 3.0, 5.0, 2.0, 6.0)
 
 
 @pytest.mark.slow

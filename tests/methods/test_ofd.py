@@ -52,3 +52,35 @@ def test_ofd_margins_match_the_reference_formula():
         else:
             expected.append(-3 * s)
     torch.testing.assert_close(bn_margin(bn), torch.tensor(expected, dtype=torch.float32))
+
+
+def _distiller(ofd_options, teacher=None):
+    import timm
+    import distill  # noqa: F401
+    from distill import Distiller
+    teacher = teacher or timm.create_model('cifar_resnet14', num_classes=10)
+    student = timm.create_model('cifar_resnet8', num_classes=10)
+    return Distiller(teacher, student, {'ce': 1.0, 'ofd': {'weight': 0.001, **ofd_options}}, input_size=(3, 16, 16),
+                     train_targets=torch.arange(40) % 10)
+
+
+def test_ofd_teacher_batch_statistics_reproduces_the_reference_train_mode_teacher():
+    """mdistiller OFD.train() leaves the teacher in train mode: its BN normalises with the batch's statistics (and
+    updates its running statistics); the option reproduces that, the default keeps the frozen eval-mode teacher."""
+    from distill import Batch
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(8, 3, 16, 16, generator=gen), torch.arange(8) % 10)
+    modes = []
+    for options in ({}, {'teacher_batch_statistics': True}):
+        distiller = _distiller(options)
+        teacher = distiller.teacher.model
+        teacher.register_forward_hook(lambda module, args, out: modes.append(module.training))
+        before = teacher.bn1.running_mean.clone()
+        distiller.train()
+        distiller(batch, epoch=0)['loss'].backward()
+        changed = not torch.equal(teacher.bn1.running_mean, before)
+        assert changed == bool(options) and all(p.grad is None for p in teacher.parameters())
+        distiller.eval()
+        assert not teacher.training
+    assert modes == [False, True]
+
