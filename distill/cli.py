@@ -1,4 +1,4 @@
-"""The ``distill`` command: train, grid, table, eval, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, grid, table, eval, push, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
 import argparse
 import os
 import sys
@@ -21,9 +21,9 @@ def _eval(args: argparse.Namespace) -> None:
     from .checkpoint import NotACheckpoint, load_checkpoint
     from .config import ModelConfig, from_dict
     from .data import build_eval_loader
-    from .evaluation import evaluate
     from .models.factory import create_model
-    from .runtime import resolve_device
+    if os.path.isdir(args.checkpoint):
+        return _eval_folder(args)
     if not os.path.isfile(args.checkpoint):
         raise DistillError(f"checkpoint not found: {args.checkpoint} (check the path)")
     checkpoint = None
@@ -40,10 +40,49 @@ def _eval(args: argparse.Namespace) -> None:
     stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
     loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
     model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), len(loader.split.classes), 'model')
+    _report(args, model_name, model, loader, data_cfg)
+
+
+def _eval_folder(args: argparse.Namespace) -> None:
+    """``distill eval FOLDER --data ...``: a timm model folder (a run's ``student/``, timm's ``save_for_hf``) at
+    the mean/std and input size of its ``pretrained_cfg``."""
+    import json
+    from .config import ModelConfig
+    from .data import build_eval_loader
+    from .models.factory import create_model
+    import torch
+    path = os.path.join(args.checkpoint, 'config.json')
+    if not os.path.isfile(path):
+        raise DistillError(f"{args.checkpoint} holds no config.json: give a checkpoint file or a timm model folder")
+    pretrained_cfg = json.load(open(path)).get('pretrained_cfg', {})
+    if args.data is None:
+        raise DistillError("--data is required with a model folder (a dataset name or an ImageFolder directory)")
+    data_cfg = _data_config(args)
+    data_cfg.image_size = pretrained_cfg.get('input_size', (3, data_cfg.image_size))[-1]
+    stats = [torch.tensor(pretrained_cfg[key]) for key in ('mean', 'std') if key in pretrained_cfg]
+    loader = build_eval_loader(data_cfg, *stats)
+    name = f'local-dir:{args.checkpoint}'
+    model = create_model(ModelConfig(name=name, pretrained=True), len(loader.split.classes), 'model')
+    if model.pretrained_cfg.get('num_classes') != len(loader.split.classes):
+        raise DistillError(f"{args.checkpoint} classifies {model.pretrained_cfg.get('num_classes')} classes but "
+                           f"{data_cfg.name} has {len(loader.split.classes)}; evaluate it on its own data")
+    _report(args, name, model, loader, data_cfg)
+
+
+def _report(args: argparse.Namespace, name: str, model, loader, data_cfg) -> None:
+    from .evaluation import evaluate
+    from .runtime import resolve_device
     device = resolve_device(args.device)
     metrics = evaluate(model.to(device), loader, device)
-    print(f"{model_name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
+    print(f"{name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
           f"top-5 {metrics['top5']:.2f}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .export import push
+    files = push(args.run, args.repo_id, args.private, args.dry_run)
+    verb = 'would upload' if args.dry_run else 'uploaded'
+    print(f"{verb} {os.path.join(args.run, 'student')} ({', '.join(files)}) to https://huggingface.co/{args.repo_id}")
 
 
 def _data_config(args: argparse.Namespace, base=None):
@@ -71,10 +110,13 @@ def _extract(args: argparse.Namespace) -> None:
     from .probe import extract_features, feature_loaders, save_features
     from .models.factory import create_model
     from .runtime import resolve_device
+    from .inputs import pretrained_input, pretrained_stats
     data_cfg = _data_config(args)
     data_cfg.image_size, data_cfg.augment = args.image_size, 'none'
     data_cfg.train_per_class, data_cfg.val_per_class = args.train_per_class, args.val_per_class
-    train_loader, val_loader = feature_loaders(data_cfg)
+    # a pretrained backbone sees the normalisation its weights expect
+    train_loader, val_loader = feature_loaders(data_cfg, pretrained_stats(pretrained_input(args.model,
+                                                                                           args.pretrained)))
     notes = []
     model = create_model(ModelConfig(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained),
                          len(train_loader.split.classes), 'model', TransferConfig(new_head=True), notes)
@@ -153,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--quiet', action='store_true', help='no per-epoch lines on stdout')
     train.set_defaults(func=_train)
     ev = sub.add_parser('eval', help='top-1/top-5 of a checkpoint on a validation split')
-    ev.add_argument('checkpoint', help='distill checkpoint (.pt), .safetensors, or RepDistiller ckpt_epoch_240.pth')
+    ev.add_argument('checkpoint', help='distill checkpoint (.pt), .safetensors, RepDistiller ckpt_epoch_240.pth, or '
+                                       'a timm model folder (a run\'s student/)')
     ev.add_argument('--data', help='cifar10 | cifar100 | digits | an ImageFolder directory')
     ev.add_argument('--root', help='dataset folder for cifar10/cifar100')
     ev.add_argument('--model', help='timm model name (needed when the file holds no distill config)')
@@ -199,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument('--paper', help='published numbers, e.g. experiments/cifar100/paper.yaml')
     tab.add_argument('--plot', help='also draw accuracy per method as a PNG at this path')
     tab.set_defaults(func=_table)
+    push = sub.add_parser('push', help="upload a finished run's student (its timm model folder) to the Hugging Face Hub")
+    push.add_argument('run', help='run directory (holding student/)')
+    push.add_argument('--repo-id', required=True, help='ORG/NAME on the Hub (created if missing)')
+    push.add_argument('--private', action='store_true')
+    push.add_argument('--dry-run', action='store_true', help='only list what would be uploaded')
+    push.set_defaults(func=_push)
     methods = sub.add_parser('methods', help='list distillation methods: paper, defaults, needs, supported pairs')
     methods.set_defaults(func=_methods)
     return parser

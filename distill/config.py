@@ -13,6 +13,7 @@ import yaml
 
 from .errors import DistillError, nearest
 from .files import atomic_write_text
+from .inputs import default_image_size
 from .recipes import apply_overrides, recipe_data
 
 
@@ -32,7 +33,7 @@ class DataConfig:
     name: str = 'cifar100'  # cifar10 | cifar100 | imagefolder | digits
     root: str = 'data'  # dataset folder (imagefolder: holds train/ and val/ or test/)
     download: bool = False  # torchvision download for CIFAR (needs internet)
-    image_size: int = 32
+    image_size: int = 32  # unset in a recipe: the student's pretrained input size, else 32 (distill.inputs)
     num_classes: Optional[int] = None  # if set, must equal the data's class count
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -122,6 +123,11 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write every logged scalar as TensorBoard events in <run>/tensorboard
+
+
+@dataclass
 class WandbConfig:
     mode: str = 'disabled'  # online | offline | disabled
     project: str = 'distill'
@@ -145,6 +151,7 @@ class Config:
     teacher_finetune: Optional[TeacherFinetuneConfig] = None  # set: fine-tune the teacher first (two stages)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
@@ -271,6 +278,8 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
 
 def from_dict(data: Dict[str, Any], validate: bool = True) -> Config:
     cfg = _from_dict(Config, data)
+    if (data.get('data') or {}).get('image_size') is None:  # unset: what the student's weights expect
+        cfg.data.image_size = default_image_size(cfg.student.name, cfg.student.pretrained)
     if validate:
         _validate(cfg)
     return cfg

@@ -90,7 +90,7 @@ class Distiller(nn.Module):
             context.student_shapes = dict(zip(student_layers, probe_shapes(self.student_extractor, input_size)))
             if teacher_layers:
                 context.teacher_shapes = dict(zip(teacher_layers, probe_shapes(
-                    FeatureExtractor(teacher_model, teacher_layers), input_size)))
+                    FeatureExtractor(teacher_model, teacher_layers), self.teacher.input_size(input_size))))
         if self.teacher is not None:
             self.teacher.watch(teacher_layers)
         for term in self.loss_terms.values():

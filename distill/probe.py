@@ -28,10 +28,11 @@ def _pool(feature: torch.Tensor) -> torch.Tensor:
     return feature.flatten(1)
 
 
-def feature_loaders(cfg: DataConfig) -> Tuple[BatchLoader, BatchLoader]:
-    """Training and validation splits in order, without augmentation, normalised as for training."""
+def feature_loaders(cfg: DataConfig, model_stats=None) -> Tuple[BatchLoader, BatchLoader]:
+    """Training and validation splits in order, without augmentation, normalised as for training (``model_stats``:
+    the mean/std a pretrained model expects)."""
     train, val = load_split(cfg, train=True), load_split(cfg, train=False)
-    mean, std = normalization(cfg, train)
+    mean, std = normalization(cfg, train, model_stats)
     return (BatchLoader(train, cfg.eval_batch_size, mean, std, False),
             BatchLoader(val, cfg.eval_batch_size, mean, std, False))
 

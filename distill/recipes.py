@@ -161,7 +161,8 @@ class PairTable:
                                  'trainer': {'run_name': f"{pair}-{method.replace('_', '-')}"}}
         if 'lr' in spec:
             layer['optimizer'] = {'lr': spec['lr']}
-        data = merge(merge(self._read(self.protocol), layer), self._read(os.path.join(self.methods_dir, f'{method}.yaml')))
+        method_file = self._read(os.path.join(self.methods_dir, f'{method}.yaml'))
+        data = merge(merge(self._read(self.protocol), layer), method_file)
         losses = data.get('losses') or {}
         for terms in (spec.get('losses') or {}, (spec.get('methods') or {}).get(method) or {}):
             for term, options in terms.items():

@@ -9,10 +9,14 @@ logger ask here).
         metrics.jsonl, log.txt     one line per epoch; the log
         summary.json               written last: the run finished
         student_{last,best}.safetensors   the deployable student
+        student/                   the best student as a timm model folder (config.json, model.safetensors)
 """
 import json
 import os
 from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
 
 from .checkpoint import load_checkpoint
 from .config import Config, from_dict, to_dict
@@ -63,6 +67,10 @@ class RunDir:
     @classmethod
     def of(cls, cfg: Config) -> 'RunDir':
         return cls(cfg.trainer.output_dir, cfg.trainer.run_name)
+
+    @property
+    def student_folder(self) -> str:
+        return os.path.join(self.path, 'student')
 
     def student_weights(self, which: str = 'best') -> str:
         return os.path.join(self.path, f'student_{which}.safetensors')
@@ -118,10 +126,23 @@ class RunDir:
                 if name.endswith('.tmp'):
                     os.unlink(os.path.join(folder, name))
 
-    def export(self) -> None:
-        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model)."""
+    def export(self, student: nn.Module, data_config: Dict[str, Any], summary: Dict[str, Any]) -> None:
+        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model), and
+        the best as a timm model folder ``student/`` (``export``); ``student`` keeps its own weights."""
         from safetensors.torch import save
-        for which, checkpoint in (('last', self.last), ('best', self.best)):
-            state = load_checkpoint(checkpoint)['model']
+        from .export import model_card, write_timm_folder
+        states = {which: load_checkpoint(checkpoint)['model'] for which, checkpoint in (('last', self.last),
+                                                                                          ('best', self.best))}
+        for which, state in states.items():
             payload = save({k: v.contiguous() for k, v in state.items()})
             atomic_write(self.student_weights(which), lambda f: f.write(payload))
+        own = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in student.parameters())
+        student.load_state_dict(states['best'])
+        student.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
+        try:
+            write_timm_folder(student, self.student_folder, data_config, model_card(summary, open(self.resolved).read()))
+        finally:
+            student.load_state_dict(own)
+            if channels_last:
+                student.to(memory_format=torch.channels_last)

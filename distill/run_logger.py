@@ -1,11 +1,12 @@
-"""Where a run's numbers go: stdout + ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``summary.json``, and
-Weights & Biases through the real ``wandb`` library (``online``, ``offline`` or ``disabled``)."""
+"""Where a run's numbers go: stdout + ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``summary.json``,
+Weights & Biases through the real ``wandb`` library (``online``, ``offline`` or ``disabled``) and TensorBoard event
+files (``logging.tensorboard``) through ``torch.utils.tensorboard``."""
 import json
 import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from .config import WandbConfig
+from .config import Config, WandbConfig, to_dict
 from .errors import DistillError
 from .files import atomic_write_json, atomic_write_text, space_errors
 from .run_dir import RunDir
@@ -50,12 +51,13 @@ def check_wandb_reachable(wandb_cfg: WandbConfig) -> None:
 
 
 class RunLogger:
-    def __init__(self, run_dir: RunDir, wandb_cfg: WandbConfig, config: Dict[str, Any], run_name: str,
-                 wandb_id: Optional[str] = None, quiet: bool = False):
+    def __init__(self, run_dir: RunDir, cfg: Config, wandb_id: Optional[str] = None, quiet: bool = False):
         self.run_dir, self.quiet = run_dir, quiet
         self.metrics_path = run_dir.metrics
         self.log_file = open(run_dir.log, 'a')
-        self.wandb_run = None
+        self.wandb_run = self.tensorboard = None
+        self.tensorboard_dir = os.path.join(run_dir.path, 'tensorboard') if cfg.logging.tensorboard else None
+        wandb_cfg, config, run_name = cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run'
         if wandb_cfg.mode != 'disabled':
             wandb = _import_wandb()
             settings = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
@@ -90,13 +92,26 @@ class RunLogger:
             self.log_file.flush()
 
     def rewrite_history(self, history: List[Dict[str, Any]]) -> None:
-        """On resume, metrics.jsonl is rewritten from the checkpoint so it never holds epochs the checkpoint
-        does not (a kill between the two writes would otherwise duplicate an epoch)."""
+        """At the start (and on resume), metrics.jsonl is rewritten from the checkpoint so it never holds epochs
+        the checkpoint does not (a kill between the two writes would otherwise duplicate an epoch); TensorBoard
+        drops its events after the checkpoint's epoch likewise (``purge_step``)."""
         atomic_write_text(self.metrics_path, ''.join(json.dumps(record) + '\n' for record in history))
+        if self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise DistillError("logging.tensorboard=true needs the tensorboard package; pip install tensorboard "
+                                   "or set logging.tensorboard=false") from None
+            self.tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=len(history) + 1)
 
     def log_epoch(self, record: Dict[str, Any]) -> None:
         with space_errors(self.metrics_path), open(self.metrics_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != 'epoch' and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, global_step=record['epoch'])
+            self.tensorboard.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != 'epoch'}, step=record['epoch'])
 
@@ -108,6 +123,8 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=0 if summary is not None else 1)
             self.wandb_run = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.log_file.close()
 
 

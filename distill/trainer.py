@@ -2,7 +2,7 @@
 
 One ``Trainer`` runs a ``Config``: it builds data, models, the ``Distiller``, a timm optimizer and scheduler,
 trains with the chosen precision, evaluates top-1/top-5 every epoch, checkpoints ``last.pt`` (every epoch) and
-``best.pt`` atomically, resumes exactly, and exports the student as safetensors. What it builds from comes from
+``best.pt`` atomically, resumes exactly, and exports the student (safetensors and a timm model folder). What it builds from comes from
 one module each: ``runtime`` (device, precision, DDP, compile), ``models.factory``, ``teachers``, ``optim``,
 ``evaluation``, ``guard`` (non-finite losses), ``run_dir`` (files and run state), ``run_logger``.
 """
@@ -22,16 +22,17 @@ from .data import Batch, Placement, build_data
 from .distiller import Distiller, TrainableParts
 from .errors import DistillError
 from .evaluation import evaluate
+from .export import export_data_config
 from .files import atomic_save
 from .guard import FiniteGuard, stop_if_nonfinite
+from .inputs import expected_size, pretrained_input, pretrained_stats
 from .losses import Need, declared_needs
 from .models.factory import check_input_size, check_model_config, create_model, init_from
 from .optim import check_scheduler, create_optimizer, create_scheduler
 from .run_dir import RunDir
 from .run_logger import NullLogger, RunLogger, check_wandb_reachable
 from .runtime import CompiledForward, Runtime
-from .teacher_cache import open_teacher_cache
-from .teachers import CachedTeacher, LiveTeacher, cache_blocker
+from .teachers import build_teacher
 from .transfer import StageFreezer, apply_lr_scales, param_groups, uses_transfer
 
 
@@ -60,13 +61,15 @@ class Trainer:
         needs = declared_needs(cfg.losses)
         self.data = build_data(cfg.data, cfg.trainer.seed, Placement(self.device, self.dist.rank,
                                                                      self.dist.world_size),
-                               strong_view=Need.STRONG_VIEW in needs)
+                               Need.STRONG_VIEW in needs, pretrained_stats(pretrained_input(cfg.student.name,
+                                                                                            cfg.student.pretrained)))
         self.model_notes: List[str] = []
         student = create_model(cfg.student, self.data.num_classes, 'student', cfg.transfer, self.model_notes)
         if cfg.transfer.init_from:
             init_from(student, cfg.transfer, cfg.student.name, self.model_notes)
         check_input_size(student, cfg.data.image_size, 'student', cfg.student.name)
-        teacher = self._teacher(self._teacher_model()) if cfg.teacher else None
+        teacher = build_teacher(self._teacher_model(), cfg, self.data.train, self.data.num_classes, self.device,
+                                runtime.memory_format is not None, self.model_notes) if cfg.teacher else None
         self.freezer = StageFreezer(student, cfg.transfer) if uses_transfer(cfg.transfer) else None
         self.distiller = runtime.place(Distiller(teacher, student, cfg.losses,
                                                  input_size=(3, cfg.data.image_size, cfg.data.image_size),
@@ -93,8 +96,7 @@ class Trainer:
             os.makedirs(self.run_dir.checkpoints, exist_ok=True)
             self.run_dir.remove_temporaries()
             save_config(cfg, self.run_dir.resolved)
-            self.logger = RunLogger(self.run_dir, cfg.wandb, to_dict(cfg), cfg.trainer.run_name or 'run',
-                                    wandb_id=checkpoint.get('wandb_id') if checkpoint else None, quiet=quiet)
+            self.logger = RunLogger(self.run_dir, cfg, checkpoint.get('wandb_id') if checkpoint else None, quiet)
         else:
             self.logger = NullLogger()
         if checkpoint is not None:
@@ -104,28 +106,9 @@ class Trainer:
 
     def _teacher_model(self) -> nn.Module:
         model = create_model(self.cfg.teacher, self.data.num_classes, 'teacher')
-        check_input_size(model, self.cfg.data.image_size, 'teacher', self.cfg.teacher.name)
+        size = expected_size(model, self.cfg.teacher.pretrained, self.cfg.data.image_size)
+        check_input_size(model, size, 'teacher', self.cfg.teacher.name)
         return model
-
-    def _teacher(self, model: nn.Module) -> LiveTeacher:
-        """The live teacher, or its logits table when ``teacher_cache.enabled`` (refused where not exact)."""
-        cfg = self.cfg
-        if not cfg.teacher_cache.enabled:
-            return LiveTeacher(model)
-        loader = self.data.train
-        blocker = cache_blocker(cfg.losses, loader.num_views, cfg.data.augment)
-        if blocker:
-            raise DistillError(f"teacher_cache.enabled=true cannot be exact here: {blocker}; set "
-                               f"teacher_cache.enabled=false")
-        settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'precision': cfg.trainer.precision,
-                    'channels_last': self.runtime.memory_format is not None}
-        cache = open_teacher_cache(model, loader, self.data.num_classes, settings,
-                                   {'data': cfg.data.name, 'root': cfg.data.root,
-                                    'teacher_checkpoint': cfg.teacher.checkpoint},
-                                   cfg.teacher_cache.dir, cfg.teacher_cache.dtype, self.device)
-        self.model_notes.append(f"teacher cache {cache.folder}: {len(loader.split)} images x {loader.num_views} "
-                                f"views, {100 * cache.fill_ratio:.1f}% filled")
-        return CachedTeacher(model, cache)
 
     def _state(self, epoch: int) -> Dict[str, Any]:
         return {
@@ -239,8 +222,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{out['loss'].item():.3f}")
         stop_if_nonfinite(guard.check(), epoch, self.run_dir.last)
         totals = self.dist.all_sum(sums).tolist()
-        count = totals[-1]
-        names = ['loss'] + list(self.distiller.main_terms)
+        count, names = totals[-1], ['loss'] + list(self.distiller.main_terms)
         metrics = {f"train_{name}": value / count for name, value in zip(names, totals)}
         metrics['train_top1'] = 100.0 * totals[-2] / count
         if self.distiller.teacher is not None:
@@ -252,7 +234,7 @@ class Trainer:
         completed = False
         try:
             if self.teacher_metrics is None and self.distiller.teacher is not None:
-                self.teacher_metrics = self._evaluate(self.distiller.teacher.model)
+                self.teacher_metrics = self._evaluate(self.distiller.teacher.classifier())
                 logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
             self._describe()
             if self.start_epoch == 0:
@@ -261,7 +243,7 @@ class Trainer:
                 self._epoch(epoch)
             summary = self._summary()
             if self.dist.is_main:
-                self.run_dir.export()
+                self.run_dir.export(self.distiller.student, export_data_config(cfg.data, self.data), summary)
             completed = True
             logger.info(f"done: best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), last "
                         f"{summary['last_top1']:.2f}; run directory {self.run_dir.path}")

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models._manipulate import group_parameters
-from timm.optim._param_groups import auto_group_layers
+from timm.models import group_parameters
+from timm.optim import auto_group_layers
 
 from .config import OptimizerConfig, TransferConfig
 from .errors import DistillError

@@ -98,3 +98,15 @@ def test_orchestrators_are_imported_only_from_above():
 @pytest.mark.parametrize('module, path', sorted(_modules()))
 def test_no_module_outgrows_one_job(module, path):
     assert len(open(path).read().splitlines()) <= MAX_LINES, module
+
+
+def test_only_public_timm_apis_are_used():
+    """setup.cfg's timm lower bound is what the tests run on; private timm modules may change in any release."""
+    import re
+    private = re.compile(r'\btimm(\.[A-Za-z]\w*)*\._\w+')
+    for module, path in _modules():
+        source = open(path).read()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('timm'):
+                assert not any(part.startswith('_') for part in node.module.split('.')), (module, node.module)
+        assert not private.search(source), (module, private.search(source).group(0))

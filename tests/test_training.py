@@ -338,3 +338,19 @@ def test_a_run_whose_first_epoch_never_finished_starts_afresh(tmp_path):
     Trainer(from_dict(digits_config(tmp_path, epochs=1)), quiet=True).fit()
     records = read_metrics(run_dir)
     assert len(records) == 1 and 'stale' not in records[0]
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_every_logged_scalar_once_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    sections = dict(logging={'tensorboard': True}, losses={'ce': 1.0})
+    Trainer(from_dict(digits_config(tmp_path, epochs=1, **sections)), quiet=True).fit()
+    Trainer(from_dict(digits_config(tmp_path, epochs=3, **sections)), resume=True, quiet=True).fit()
+    records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    events = EventAccumulator(str(tmp_path / 'run' / 'tensorboard'))
+    events.Reload()
+    assert {'val_top1', 'val_top5', 'train_loss', 'train_ce', 'lr'} <= set(events.Tags()['scalars'])
+    for key in ('val_top1', 'train_loss', 'lr'):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)

@@ -62,7 +62,7 @@ def test_hub_weights_without_internet_are_a_one_line_error(monkeypatch):
     with pytest.raises(DistillError) as info:
         create_model(ModelConfig(name='resnet18', pretrained=True), 10, 'student')
     message = str(info.value)
-    assert 'could not fetch pretrained weights for resnet18' in message and 'student.checkpoint=' in message
+    assert message.startswith('could not fetch resnet18 (') and 'student.checkpoint=' in message
     assert '\n' not in message
 
 

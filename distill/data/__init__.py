@@ -21,6 +21,9 @@ __all__ = ['Batch', 'BatchLoader', 'DataBundle', 'ImageSplit', 'Loader', 'apply_
            'normalization', 'normalize', 'plan_batches', 'Placement', 'view_count']
 
 
+Stats = Tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class DataBundle:
     train: Loader
@@ -35,13 +38,17 @@ def _check_classes(cfg: DataConfig, num_classes: int) -> None:
                            f"{num_classes} classes; set data.num_classes={num_classes} or fix the data")
 
 
-def normalization(cfg: DataConfig, train: Optional[ImageSplit]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The configured mean/std; else CRD's CIFAR statistics for CIFAR, else the training images' own."""
+def normalization(cfg: DataConfig, train: Optional[ImageSplit],
+                  model_stats: Optional[Stats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The configured mean/std; else those the student's pretrained weights expect (``model_stats``); else CRD's
+    CIFAR statistics for CIFAR, else the training images' own."""
     if (cfg.mean is None) != (cfg.std is None):
         raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
                            "are used)")
     if cfg.mean is not None:
         return torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    if model_stats is not None:
+        return model_stats
     if cfg.name.startswith('cifar'):
         from ..models._base import CIFAR100_MEAN, CIFAR100_STD
         return torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)
@@ -57,9 +64,9 @@ def _check_same_classes(train_classes: List[str], val_classes: List[str]) -> Non
 
 
 def build_streaming_data(cfg: DataConfig, seed: int, placement: Placement = Placement(),
-                         strong_view: bool = False) -> DataBundle:
+                         strong_view: bool = False, model_stats: Optional[Stats] = None) -> DataBundle:
     """Loaders that decode an ImageFolder tree from disk each epoch (``data.in_memory=false``), normalised with
-    the configured statistics or ImageNet's."""
+    the configured statistics, the student's pretrained ones, or ImageNet's."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from .streaming import StreamingLoader, streaming_split_dir
     if strong_view:
@@ -67,8 +74,8 @@ def build_streaming_data(cfg: DataConfig, seed: int, placement: Placement = Plac
                            "pipeline makes; set data.in_memory=true or drop the term")
     if (cfg.mean is None) != (cfg.std is None):
         raise DistillError("set both data.mean and data.std, or neither (then ImageNet's statistics are used)")
-    mean = torch.tensor(cfg.mean if cfg.mean is not None else IMAGENET_DEFAULT_MEAN)
-    std = torch.tensor(cfg.std if cfg.std is not None else IMAGENET_DEFAULT_STD)
+    mean, std = (torch.tensor(cfg.mean), torch.tensor(cfg.std)) if cfg.mean is not None else model_stats or \
+        (torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD))
     train, val = (StreamingLoader(streaming_split_dir(cfg.root, train), cfg.batch_size if train else
                                   cfg.eval_batch_size, mean, std, train, cfg.augment, cfg.image_size,
                                   cfg.crop_padding, cfg.workers, cfg.eval_crop_pct,
@@ -79,16 +86,16 @@ def build_streaming_data(cfg: DataConfig, seed: int, placement: Placement = Plac
     return DataBundle(train=train, val=val, num_classes=len(train.split.classes), classes=train.split.classes)
 
 
-def build_data(cfg: DataConfig, seed: int, placement: Placement = Placement(),
-               strong_view: bool = False) -> DataBundle:
+def build_data(cfg: DataConfig, seed: int, placement: Placement = Placement(), strong_view: bool = False,
+               model_stats: Optional[Stats] = None) -> DataBundle:
     """Training and validation loaders of ``cfg`` (``strong_view``: training batches also carry a RandAugment
-    view, for loss terms that need one)."""
+    view, for loss terms that need one; ``model_stats``: the mean/std the student's pretrained weights expect)."""
     if not cfg.in_memory:
-        return build_streaming_data(cfg, seed, placement, strong_view)
+        return build_streaming_data(cfg, seed, placement, strong_view, model_stats)
     train, val = load_split(cfg, train=True), load_split(cfg, train=False)
     _check_same_classes(train.classes, val.classes)
     _check_classes(cfg, len(train.classes))
-    mean, std = normalization(cfg, train)
+    mean, std = normalization(cfg, train, model_stats)
     generator = torch.Generator().manual_seed(seed)
     return DataBundle(
         train=BatchLoader(train, cfg.batch_size, mean, std, True, cfg.augment, cfg.crop_padding, generator,

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..errors import DistillError
 from ..features import feature_info_list
@@ -57,9 +58,8 @@ def region_logits(feature_map: torch.Tensor, classifier: Callable[[torch.Tensor]
                   scales: Sequence[int]) -> torch.Tensor:
     """(B, K, N) logits of the classifier on every region of the map (``patch_score`` of the official models)."""
     regions = pool_regions(feature_map, scales)
-    batch, channels, count = regions.shape
-    logits = classifier(regions.permute(2, 0, 1).reshape(count * batch, channels))
-    return logits.reshape(count, batch, -1).permute(1, 2, 0)
+    logits = classifier(rearrange(regions, 'b c n -> (n b) c'))
+    return rearrange(logits, '(n b) k -> b k n', n=regions.shape[2])
 
 
 def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -100,8 +100,8 @@ def sdd_loss(student_regions: torch.Tensor, teacher_regions: torch.Tensor, targe
     """Region-weighted KD or DKD over (B, K, N) region logits (region 0: the whole map), summed over regions and
     samples and divided by N * B. No warm-up (``SDDLoss`` applies it)."""
     batch, classes, count = student_regions.shape
-    student_rows = student_regions.permute(2, 0, 1).reshape(count * batch, classes)
-    teacher_rows = teacher_regions.permute(2, 0, 1).reshape(count * batch, classes)
+    student_rows, teacher_rows = (rearrange(regions, 'b k n -> (n b) k') for regions in (student_regions,
+                                                                                        teacher_regions))
     row_targets = targets.repeat(count)
     if base == 'kd':
         per_row = kd_per_sample(student_rows, teacher_rows, temperature)

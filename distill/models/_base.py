@@ -12,11 +12,25 @@ import torch
 import torch.nn as nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 # CIFAR-100 statistics used by the CRD benchmark (RepDistiller dataset/cifar100.py).
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+def take_indices_of(count: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    """timm's ``forward_intermediates`` contract for ``indices`` (None: every stage, n: the last n, a list: those,
+    negatives from the end): the absolute indices and the largest (written here: timm keeps its helper private)."""
+    if indices is None or isinstance(indices, int):
+        last_n = count if indices is None else indices
+        if not 0 < last_n <= count:
+            raise ValueError(f'last-n ({last_n}) is out of range (1 to {count})')
+        taken = list(range(count - last_n, count))
+    else:
+        taken = [count + i if i < 0 else i for i in indices]
+        if not all(0 <= i < count for i in taken):
+            raise ValueError(f'feature indices {list(indices)} are out of range (0 to {count - 1})')
+    return taken, max(taken)
 
 
 def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -123,7 +137,7 @@ class CifarNet(nn.Module):
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW' for {type(self).__name__}, got {output_fmt!r}")
         stages = self.stage_forwards()
-        take_indices, max_index = feature_take_indices(len(stages), indices)
+        take_indices, max_index = take_indices_of(len(stages), indices)
         if stop_early:
             stages = stages[:max_index + 1]
         intermediates = []

@@ -10,13 +10,14 @@ classes: ShuffleNetV1 949,258; ShuffleNetV2 1,355,528 (the "0.95M" / "1.36M" of 
 """
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ._base import CifarNet, register_variants
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    """Channel g * (C / groups) + i moves to i * groups + g (ShuffleNet's shuffle)."""
+    return rearrange(x, 'n (g c) h w -> n (c g) h w', g=groups)
 
 
 class ShuffleV1Block(nn.Module):

@@ -1,7 +1,8 @@
 """Models of a run: a timm model for the data's classes with hub or local weights, checked before anything slow
 runs, and a student initialised from another model's weights (``transfer.init_from``)."""
+import contextlib
 import os
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import timm
 import torch.nn as nn
@@ -13,32 +14,83 @@ from .weights import load_backbone_weights, load_state_dict_file, load_weights
 
 
 def check_model_config(model_cfg: ModelConfig, role: str) -> None:
-    if not timm.is_model(model_cfg.name):
-        raise DistillError(f"unknown model '{model_cfg.name}' for {role}.name"
-                           f"{nearest(model_cfg.name, timm.list_models())}; see `distill models '*'`")
+    """Every name ``timm.create_model`` takes, checked without a download: a registry name (with a pretrained tag
+    that exists), ``hf-hub:org/repo`` (fetched later) or ``local-dir:FOLDER`` (a folder with ``config.json``)."""
+    name = model_cfg.name
+    try:
+        source, model_id = timm.models.parse_model_name(name)
+    except ValueError as exc:
+        raise DistillError(f"{role}.name {name!r}: {exc}") from None
+    if source == 'local-dir':
+        folder = os.path.expanduser(model_id)
+        if not os.path.isfile(os.path.join(folder, 'config.json')):
+            raise DistillError(f"{role}.name {name}: {folder} holds no config.json; point it at a folder written "
+                               f"by timm's save_for_hf (or a distill run's student/ export)")
+    elif source == 'hf-hub':
+        if model_id.count('/') != 1 or not all(model_id.split('/')):
+            raise DistillError(f"{role}.name {name}: a Hub model is named hf-hub:<org>/<repo>, e.g. "
+                               f"hf-hub:timm/resnet18.a1_in1k")
+    elif not timm.is_model(name):
+        raise DistillError(f"unknown model '{name}' for {role}.name{nearest(name, timm.list_models())}; see "
+                           f"`distill models '*'`")
+    elif '.' in name and model_cfg.pretrained and name not in timm.list_pretrained(name.split('.')[0] + '.*'):
+        tags = timm.list_pretrained(name.split('.')[0] + '.*')
+        raise DistillError(f"{name} has no pretrained weights with that tag for {role}.name{nearest(name, tags)}; "
+                           f"its tags: {', '.join(tag.split('.', 1)[1] for tag in tags) or 'none'}")
     if model_cfg.checkpoint and not os.path.isfile(os.path.expanduser(model_cfg.checkpoint)):
         raise DistillError(f"{role}.checkpoint not found: {model_cfg.checkpoint}; set "
                            f"{role}.checkpoint=<path to its weights>")
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs each retry of an unreachable Hub as a warning line; the failure is reported once."""
+    from huggingface_hub import logging as hub_logging
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+HEAD_FIXES = {'teacher': "set teacher_finetune to fit a new head on this data first, or train on data with the "
+                         "teacher's classes (e.g. ImageNet)",
+              'student': "set transfer.new_head=true to train a new head for this data's classes"}
 
 
 def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: Optional[TransferConfig] = None,
                  notes: Optional[List[str]] = None) -> nn.Module:
     """A timm model for ``num_classes``, with hub weights (``pretrained``) or local weights (``checkpoint``).
 
-    With ``transfer.new_head`` the model gets a fresh classifier (timm ``reset_classifier``, optionally with a
-    hidden layer and dropout) and the weights' own classifier is skipped; what was skipped goes to ``notes``."""
+    A pretrained teacher must already classify ``num_classes`` classes (its head is the knowledge); a pretrained
+    student gets a new head (said in ``notes``). With ``transfer.new_head`` the model gets a fresh classifier
+    (timm ``reset_classifier``, optionally with a hidden layer and dropout) and the weights' own classifier is
+    skipped; what was skipped goes to ``notes``."""
     check_model_config(model_cfg, role)
+    remote = model_cfg.pretrained or not timm.is_model(model_cfg.name)  # hf-hub:/local-dir: read a config
     try:
-        model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
-                                  **model_cfg.kwargs)
+        with _quiet_hub():
+            model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
+                                      **model_cfg.kwargs)
     except TypeError as exc:
         raise DistillError(f"{role}.kwargs do not fit {model_cfg.name}: {exc}") from None
     except (OSError, RuntimeError) as exc:
-        if not model_cfg.pretrained:
+        if not remote:
             raise
-        raise DistillError(f"could not fetch pretrained weights for {model_cfg.name} ({str(exc)[:120]}); "
-                           f"without internet set {role}.pretrained=false {role}.checkpoint=<local file>") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise DistillError(f"could not fetch {model_cfg.name} ({reason}); without internet set "
+                           f"{role}.pretrained=false {role}.checkpoint=<local file>, or name a local-dir: "
+                           f"folder") from None
     new_head = transfer is not None and transfer.new_head
+    pretrained_classes = model.pretrained_cfg.get('num_classes') if model_cfg.pretrained else None
+    if pretrained_classes and pretrained_classes != num_classes and not new_head:
+        if role == 'teacher':
+            raise DistillError(f"the pretrained {role} {model_cfg.name} classifies {pretrained_classes} classes "
+                               f"but the data has {num_classes}; {HEAD_FIXES[role]}")
+        if notes is not None:
+            notes.append(f"{role}: new {num_classes}-class head (the pretrained head of {model_cfg.name} has "
+                         f"{pretrained_classes} classes)")
     if new_head:
         replace_head(model, num_classes, transfer.head_hidden, transfer.head_dropout)
     if model_cfg.checkpoint and new_head:
@@ -47,7 +99,7 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
             notes.append(f"{role}: loaded {model_cfg.checkpoint} except its classifier "
                          f"({', '.join(skipped) or 'none in the file'}); new head for {num_classes} classes")
     elif model_cfg.checkpoint:
-        load_weights(model, os.path.expanduser(model_cfg.checkpoint))
+        load_weights(model, os.path.expanduser(model_cfg.checkpoint), head_fix=HEAD_FIXES.get(role))
     return model
 
 

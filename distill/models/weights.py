@@ -1,7 +1,7 @@
 """Loading weights from local files: safetensors, plain state_dicts, ``distill`` checkpoints and the
 RepDistiller/mdistiller teacher checkpoints (``ckpt_epoch_240.pth``: weights under key ``model``)."""
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -47,9 +47,10 @@ def classifier_path(model: nn.Module) -> str:
     return next((name for name, module in model.named_modules() if module is classifier), '')
 
 
-def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load the weights in ``path`` into ``model`` (strict by default); a mismatch is a one-line error."""
-    _load(model, path, strict, skip_head=False)
+def load_weights(model: nn.Module, path: str, strict: bool = True, head_fix: Optional[str] = None) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` (strict by default); a mismatch is a one-line error (a classifier
+    for other classes suggests ``head_fix``)."""
+    _load(model, path, strict, skip_head=False, head_fix=head_fix)
     return model
 
 
@@ -59,7 +60,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> List[str]:
     return _load(model, path, strict=True, skip_head=True)
 
 
-def _load(model: nn.Module, path: str, strict: bool, skip_head: bool) -> List[str]:
+def _load(model: nn.Module, path: str, strict: bool, skip_head: bool, head_fix: Optional[str] = None) -> List[str]:
     state = load_state_dict_file(path)
     own = model.state_dict()
     skipped: List[str] = []
@@ -77,8 +78,8 @@ def _load(model: nn.Module, path: str, strict: bool, skip_head: bool) -> List[st
     head_key = f'{head_cfg}.weight' if head_cfg else None
     if head_key in state and head_key in own and state[head_key].shape[0] != own[head_key].shape[0]:
         raise DistillError(f"{path}: its classifier has {state[head_key].shape[0]} classes but the data has "
-                           f"{own[head_key].shape[0]}; use weights trained on this data's classes, or set "
-                           f"transfer.new_head=true to fine-tune them with a new classifier")
+                           f"{own[head_key].shape[0]}; " + (head_fix or "use weights trained on this data's classes, "
+                           "or set transfer.new_head=true to fine-tune them with a new classifier"))
     if wrong_shape:
         raise DistillError(f"{path} does not fit {type(model).__name__}: shape mismatch for "
                            f"{', '.join(wrong_shape[:3])}{' ...' if len(wrong_shape) > 3 else ''} "

@@ -19,7 +19,9 @@ import time
 import distill  # noqa: F401
 from distill.config import from_dict
 from distill.probe import extract_features, feature_loaders, train_probe
-from distill.trainer import Trainer, create_model, resolve_device
+from distill.models.factory import create_model
+from distill.runtime import resolve_device
+from distill.trainer import Trainer
 from distill.config import ModelConfig, TransferConfig
 
 ANIMALS = ['bird', 'cat', 'deer', 'dog', 'frog', 'horse']
