@@ -19,7 +19,9 @@ def _interrupted(signum, frame) -> None:
     os._exit(130)
 
 
-GUARDED = _started_as_command() and threading.current_thread() is threading.main_thread()
+# only where Ctrl-C would raise KeyboardInterrupt (not where the parent made the process ignore it, e.g. `nohup`)
+GUARDED = (_started_as_command() and threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 if GUARDED:
     signal.signal(signal.SIGINT, _interrupted)
 

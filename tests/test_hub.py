@@ -1,6 +1,7 @@
 """timm- and Hub-native models: every name timm.create_model takes, checked without a download; hf-hub: fetch
 failures and pretrained heads that do not fit the data as one line; local-dir: folders written by timm's
 save_for_hf as teachers and students."""
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,24 @@ def test_each_pretrained_model_sees_its_own_normalisation_and_size(tmp_path):
     assert 'teacher input: mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5], resized to 64 px (bilinear)' in \
         ' '.join(trainer.model_notes)
     assert trainer.fit()['epochs'] == 1
+
+
+@pytest.mark.slow
+def test_a_cached_teacher_with_its_own_input_gives_the_live_teachers_logits(tmp_path):
+    """The teacher cache stores what the adapted teacher computes, under a key that includes its input."""
+    import torch
+    from distill.config import from_dict
+    from distill.trainer import Trainer
+    teacher = timm.create_model('resnet10t', num_classes=10)
+    timm.models.save_for_hf(teacher, str(tmp_path / 't'), safe_serialization=True, data_config={
+        'mean': (0.5,) * 3, 'std': (0.25,) * 3, 'input_size': (3, 48, 48)})
+    cfg = digits_config(tmp_path / 'runs', epochs=1, data={'image_size': 32}, losses={'ce': 0.1, 'kd': 0.9},
+                        teacher={'name': f'local-dir:{tmp_path / "t"}', 'pretrained': True},
+                        teacher_cache={'enabled': True, 'dir': str(tmp_path / 'cache')})
+    trainer = Trainer(from_dict(cfg), quiet=True)
+    cached = trainer.distiller.teacher
+    assert cached.adapter is not None and cached.adapter.size == 48
+    batch = next(iter(trainer.data.train))
+    live = cached.model(cached.adapter(batch.images))
+    torch.testing.assert_close(cached(batch)[0], live.float(), rtol=1e-3, atol=1e-3)  # stored as fp16
+    assert 'teacher_input' in json.load(open(next((tmp_path / 'cache').glob('*/meta.json'))))
