@@ -257,8 +257,11 @@ print('imported')
     ('-m', 130, ['distill: interrupted while starting; nothing was written']),  # python -m distill
 ])
 def test_ctrl_c_while_the_command_starts_is_one_line(argv0, code, stderr):
+    import signal
+    # as from a terminal: Ctrl-C not ignored (a test runner started in the background passes SIG_IGN on)
     result = subprocess.run([sys.executable, '-c', INTERRUPT_DURING_IMPORT.format(argv0=argv0)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (result.returncode, result.stderr.strip().splitlines(), result.stdout) == (code, stderr, '')
 
 
