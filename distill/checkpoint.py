@@ -8,7 +8,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from .errors import DistillError
+from .errors import DistillError, first_line
 
 
 class NotACheckpoint(DistillError):
@@ -26,7 +26,7 @@ def torch_load(path: str, what: str) -> Any:
                            f"objects, which loading would run); re-save its tensors (a state_dict) or use a "
                            f".safetensors file") from None
     except Exception as exc:  # any other decoding failure: damaged or not a torch file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = first_line(exc, 200)
         raise DistillError(f"{what} {path} is corrupt or truncated ({reason}); use another copy (a run's "
                            f"best.pt / last.pt, a fresh download) or start the run again") from None
 

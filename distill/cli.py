@@ -46,22 +46,19 @@ def _eval(args: argparse.Namespace) -> None:
 def _eval_folder(args: argparse.Namespace) -> None:
     """``distill eval FOLDER --data ...``: a timm model folder (a run's ``student/``, timm's ``save_for_hf``) at
     the mean/std and input size of its ``pretrained_cfg``."""
-    import json
     from .config import ModelConfig
     from .data import build_eval_loader
+    from .inputs import pretrained_input, pretrained_stats
     from .models.factory import create_model
-    import torch
-    path = os.path.join(args.checkpoint, 'config.json')
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(args.checkpoint, 'config.json')):
         raise DistillError(f"{args.checkpoint} holds no config.json: give a checkpoint file or a timm model folder")
-    pretrained_cfg = json.load(open(path)).get('pretrained_cfg', {})
+    name = f'local-dir:{args.checkpoint}'
+    pretrained_cfg = pretrained_input(name, pretrained=True) or {}
     if args.data is None:
         raise DistillError("--data is required with a model folder (a dataset name or an ImageFolder directory)")
     data_cfg = _data_config(args)
     data_cfg.image_size = pretrained_cfg.get('input_size', (3, data_cfg.image_size))[-1]
-    stats = [torch.tensor(pretrained_cfg[key]) for key in ('mean', 'std') if key in pretrained_cfg]
-    loader = build_eval_loader(data_cfg, *stats)
-    name = f'local-dir:{args.checkpoint}'
+    loader = build_eval_loader(data_cfg, *(pretrained_stats(pretrained_cfg) or ()))
     model = create_model(ModelConfig(name=name, pretrained=True), len(loader.split.classes), 'model')
     if model.pretrained_cfg.get('num_classes') != len(loader.split.classes):
         raise DistillError(f"{args.checkpoint} classifies {model.pretrained_cfg.get('num_classes')} classes but "

@@ -8,6 +8,12 @@ class DistillError(Exception):
     """
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when empty), cut at ``limit`` characters: what a
+    one-line error quotes of the library error behind it."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def nearest(name: str, choices, prefix: str = '') -> str:
     """' (did you mean PREFIX+X?)' for the closest X of ``choices``, or '' when none is close."""
     import difflib

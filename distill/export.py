@@ -6,15 +6,28 @@ timm's own ``save_for_hf``, plus a model card (``README.md``: teacher, method, t
 ``timm.create_model('local-dir:<run>/student', pretrained=True)`` loads it (a ``cifar_*`` architecture needs
 ``import distill`` first, which registers it). ``distill push RUN --repo-id ORG/NAME`` uploads that folder.
 """
+import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import torch.nn as nn
 
-from .errors import DistillError
+from .errors import DistillError, first_line
 from .files import fsync_directory, space_errors
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs each retry of an unreachable Hub as a warning line; the failure is reported once."""
+    from huggingface_hub import logging as hub_logging
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def export_data_config(data_cfg, data) -> Dict[str, Any]:
@@ -77,14 +90,13 @@ def push(run_path: str, repo_id: str, private: bool = False, dry_run: bool = Fal
     if dry_run:
         return files
     from huggingface_hub import HfApi
-    from huggingface_hub import logging as hub_logging
-    hub_logging.set_verbosity_error()  # one line on failure, not one per retry
     try:
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='distill: add student')
+        with quiet_hub():
+            api = HfApi()
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='distill: add student')
     except Exception as exc:  # noqa: BLE001 (HTTP, auth, offline and connection errors: one line each)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc)
         raise DistillError(f"could not push to {repo_id} ({type(exc).__name__}: {reason}); check the network "
                            f"and your token (`hf auth login` or HF_TOKEN)") from None
     return files

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DistillError
+from .errors import DistillError, first_line
 
 DEFAULT_IMAGE_SIZE = 32  # without pretrained weights: the CIFAR benchmarks' size, as before
 
@@ -33,10 +33,12 @@ def pretrained_input(name: str, pretrained: bool) -> Optional[Dict[str, Any]]:
         path = os.path.join(os.path.expanduser(model_id), 'config.json')
         return json.load(open(path)).get('pretrained_cfg') if os.path.isfile(path) else None
     if source == 'hf-hub':
+        from .export import quiet_hub
         try:
-            return timm.models.load_model_config_from_hf(model_id)[0]
+            with quiet_hub():
+                return timm.models.load_model_config_from_hf(model_id)[0]
         except Exception as exc:  # noqa: BLE001 (offline, unknown repo, ...: the model fetch reports it in one line)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            reason = first_line(exc, 120)
             raise DistillError(f"could not fetch {name} ({reason}); without internet name a local-dir: folder, "
                                f"or set data.image_size and the model's pretrained=false") from None
     cfg = timm.models.get_pretrained_cfg(name)

@@ -84,16 +84,17 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return data
 
 
-def is_pair_table(path: str) -> bool:
-    return os.path.isfile(path) and 'pairs' in load_yaml_mapping(path, 'recipe')
+def run_name(pair: str, method: str) -> str:
+    return f"{pair}-{method.replace('_', '-')}"
 
 
 class PairTable:
     """The runs of a pair table: ``pairs``, ``methods(pair)`` and each run's recipe (``recipe(pair, method)``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, table: Optional[Dict[str, Any]] = None):
+        """``table``: the file's mapping, when the caller has read it already."""
         self.path, self.folder = path, os.path.dirname(path)
-        table = load_yaml_mapping(path, 'pair table')
+        table = load_yaml_mapping(path, 'pair table') if table is None else table
         self._check_keys(table, TABLE_KEYS, 'a pair table has')
         missing = [key for key in TABLE_KEYS if key not in table]
         if missing:
@@ -158,7 +159,7 @@ class PairTable:
         teacher_name = (self._read(teacher_recipe).get('student') or {}).get('name')
         layer: Dict[str, Any] = {'student': {'name': spec['student']},
                                  'teacher': {'name': teacher_name, 'recipe': teacher_recipe},
-                                 'trainer': {'run_name': f"{pair}-{method.replace('_', '-')}"}}
+                                 'trainer': {'run_name': run_name(pair, method)}}
         if 'lr' in spec:
             layer['optimizer'] = {'lr': spec['lr']}
         method_file = self._read(os.path.join(self.methods_dir, f'{method}.yaml'))
@@ -176,8 +177,11 @@ def recipe_data(path: str, pair: Optional[str] = None, method: Optional[str] = N
                 table: Optional[PairTable] = None) -> Tuple[Dict[str, Any], str]:
     """``(mapping, default run name)`` of a recipe file, or of run (pair, method) of a pair table (``table``: that
     table, already read)."""
-    if table is not None or is_pair_table(path):
-        return (table or PairTable(path)).recipe(pair, method), f'{pair}-{method}'
+    if table is None and os.path.isfile(path):
+        mapping = load_yaml_mapping(path, 'recipe')
+        table = PairTable(path, mapping) if 'pairs' in mapping else None
+    if table is not None:
+        return table.recipe(pair, method), run_name(pair, method)
     if pair or method:
         raise DistillError(f"--pair/--method choose a run of a pair table; {path} is a plain recipe (drop them)")
     return read_recipe(path), os.path.splitext(os.path.basename(path))[0]

@@ -1,14 +1,14 @@
 """Models of a run: a timm model for the data's classes with hub or local weights, checked before anything slow
 runs, and a student initialised from another model's weights (``transfer.init_from``)."""
-import contextlib
 import os
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import timm
 import torch.nn as nn
 
 from ..config import ModelConfig, TransferConfig
-from ..errors import DistillError, nearest
+from ..errors import DistillError, first_line, nearest
+from ..export import quiet_hub
 from ..transfer import replace_head, transfer_parameters
 from .weights import load_backbone_weights, load_state_dict_file, load_weights
 
@@ -42,18 +42,6 @@ def check_model_config(model_cfg: ModelConfig, role: str) -> None:
                            f"{role}.checkpoint=<path to its weights>")
 
 
-@contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """huggingface_hub logs each retry of an unreachable Hub as a warning line; the failure is reported once."""
-    from huggingface_hub import logging as hub_logging
-    verbosity = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hub_logging.set_verbosity(verbosity)
-
-
 HEAD_FIXES = {'teacher': "set teacher_finetune to fit a new head on this data first, or train on data with the "
                          "teacher's classes (e.g. ImageNet)",
               'student': "set transfer.new_head=true to train a new head for this data's classes"}
@@ -70,7 +58,7 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
     check_model_config(model_cfg, role)
     remote = model_cfg.pretrained or not timm.is_model(model_cfg.name)  # hf-hub:/local-dir: read a config
     try:
-        with _quiet_hub():
+        with quiet_hub():
             model = timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=num_classes,
                                       **model_cfg.kwargs)
     except TypeError as exc:
@@ -78,7 +66,7 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
     except (OSError, RuntimeError) as exc:
         if not remote:
             raise
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = first_line(exc, 120)
         raise DistillError(f"could not fetch {model_cfg.name} ({reason}); without internet set "
                            f"{role}.pretrained=false {role}.checkpoint=<local file>, or name a local-dir: "
                            f"folder") from None
@@ -114,7 +102,7 @@ def check_input_size(model: nn.Module, image_size: int, role: str, name: str) ->
             model(torch.zeros(2, 3, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 (AssertionError, RuntimeError, ...: what a model says about its input)
         expected = getattr(model, 'pretrained_cfg', {}).get('input_size')
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = first_line(exc, 120)
         raise DistillError(f"{role} {name} cannot take {image_size}x{image_size} images ({type(exc).__name__}: "
                            f"{reason}); set data.image_size={expected[-1] if expected else '<its size>'} or give "
                            f"the model that size, e.g. {role}.kwargs={{img_size: {image_size}}}") from None

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import torch_load
-from ..errors import DistillError
+from ..errors import DistillError, first_line
 
 # Keys under which known checkpoint formats nest their weights: distill and RepDistiller/mdistiller use
 # 'model', timm's train.py and many others 'state_dict'.
@@ -24,8 +24,7 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         try:
             state = load_file(path)
         except Exception as exc:  # any decoding failure means the file is damaged
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DistillError(f"weights file {path} is corrupt or truncated ({first_line[:200]}); re-download or "
+            raise DistillError(f"weights file {path} is corrupt or truncated ({first_line(exc, 200)}); re-download or "
                                f"re-export it") from None
     else:
         state = torch_load(path, 'weights file')
