@@ -30,8 +30,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = 'cifar100'  # cifar10 | cifar100 | imagefolder | digits
-    root: str = 'data'  # dataset folder (imagefolder: holds train/ and val/ or test/)
+    name: str = 'cifar100'  # cifar10 | cifar100 | imagefolder | npz | digits
+    root: str = 'data'  # dataset folder (imagefolder: holds train/ and val/ or test/; npz: the .npz file)
     download: bool = False  # torchvision download for CIFAR (needs internet)
     image_size: int = 32  # unset in a recipe: the student's pretrained input size, else 32 (distill.inputs)
     num_classes: Optional[int] = None  # if set, must equal the data's class count
@@ -87,6 +87,8 @@ class TrainerConfig:
     eval_every: int = 1  # validate every N epochs (and after the last one)
     channels_last: Optional[bool] = None  # NHWC models and inputs; None: on CUDA (faster convolutions), not on CPU
     compile: bool = False  # torch.compile student and teacher (falls back to eager, logged, if it fails)
+    compile_mode: str = 'default'  # torch.compile mode; reduce-overhead: CUDA graphs (small batches are bound by
+    # kernel launches on a GPU), max-autotune: also searches kernels
     check_finite_every: Optional[int] = None  # steps between host checks for a non-finite loss; None: 1 on CPU,
     # 50 on CUDA (the check is on the device every step; the host looks only this often, so steps never sync)
 
@@ -155,9 +157,10 @@ class Config:
 
 
 CHOICES = {
-    'data.name': ('cifar10', 'cifar100', 'imagefolder', 'digits'),
+    'data.name': ('cifar10', 'cifar100', 'imagefolder', 'npz', 'digits'),
     'data.augment': ('crop_flip', 'crop', 'none', 'random_resized_crop'),
     'trainer.precision': ('fp32', 'bf16', 'fp16'),
+    'trainer.compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
     'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
     'teacher_cache.dtype': ('float16', 'float32'),

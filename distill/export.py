@@ -7,6 +7,7 @@ timm's own ``save_for_hf``, plus a model card (``README.md``: teacher, method, t
 ``import distill`` first, which registers it). ``distill push RUN --repo-id ORG/NAME`` uploads that folder.
 """
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ import torch.nn as nn
 
 from .errors import DistillError, first_line
 from .files import fsync_directory, space_errors
+
+# pretrained_cfg fields that describe where the architecture's published weights came from (timm's default tag, its
+# licence, paper and origin); the exported weights are the run's, so these would misattribute them.
+SOURCE_FIELDS = ('tag', 'license', 'description', 'origin_url', 'paper_name', 'paper_ids', 'notes')
 
 
 @contextlib.contextmanager
@@ -50,6 +55,7 @@ def write_timm_folder(model: nn.Module, folder: str, data_config: Dict[str, Any]
             label_names = data_config.pop('label_names')
             timm.models.save_for_hf(model, staging, model_config={'label_names': label_names},
                                     data_config=data_config, safe_serialization=True)
+            drop_source_fields(os.path.join(staging, 'config.json'))
             with open(os.path.join(staging, 'README.md'), 'w') as f:
                 f.write(card)
             for name in os.listdir(staging):
@@ -63,6 +69,15 @@ def write_timm_folder(model: nn.Module, folder: str, data_config: Dict[str, Any]
             fsync_directory(parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def drop_source_fields(config_path: str) -> None:
+    with open(config_path) as f:
+        config = json.load(f)
+    for field in SOURCE_FIELDS:
+        config['pretrained_cfg'].pop(field, None)
+    with open(config_path, 'w') as f:
+        json.dump(config, f, indent=2)
 
 
 def model_card(summary: Dict[str, Any], resolved_yaml: str) -> str:

@@ -87,14 +87,17 @@ class CompiledForward:
     under ``torch.compiler.set_stance('force_eager')`` was the compiler's failure (at the first step or at a later
     recompilation): it is logged and the process goes on eagerly, so a run is never lost to the compiler; an error
     that eager execution repeats is raised. (Compiling the whole step instead lost the graph's gradient in a
-    student-only step on torch 2.14, so the models are compiled, as before.)"""
+    student-only step on torch 2.14, so the models are compiled, as before.) In a ``mode`` with CUDA graphs each call
+    starts a new graph step, so a step never reads outputs that the previous one's graph replay overwrote."""
 
-    def __init__(self, module: nn.Module, models: Sequence[nn.Module], enabled: bool, log: Callable[[str], None]):
+    def __init__(self, module: nn.Module, models: Sequence[nn.Module], enabled: bool, log: Callable[[str], None],
+                 mode: str = 'default'):
         self.module, self.log, self.active = module, log, enabled
+        self.cuda_graphs = enabled and mode in ('reduce-overhead', 'max-autotune')
         if enabled:
             for model in models:
                 if model is not None:
-                    model.compile()
+                    model.compile(mode=mode)
 
     def __call__(self, *args: Any) -> Any:
         return self.run(self.module, *args)
@@ -103,6 +106,8 @@ class CompiledForward:
         if not self.active:
             with torch.compiler.set_stance('force_eager'):  # a no-op when nothing was compiled
                 return function(*args)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             return function(*args)
         except DistillError:

@@ -81,7 +81,7 @@ class Trainer:
                           if Need.PER_SAMPLE_STATE in term.needs]
         self.forward = CompiledForward(runtime.wrap(self.distiller, TrainableParts(self.distiller), single_process),
                                        [student, teacher.model if teacher else None], cfg.trainer.compile,
-                                       lambda message: self.logger.info(message))
+                                       lambda message: self.logger.info(message), cfg.trainer.compile_mode)
         params = self.trainable if self.freezer is None else \
             param_groups(student, [self.distiller.loss_terms], cfg.optimizer, cfg.transfer)
         self.optimizer = create_optimizer(params, cfg.optimizer, self.device)

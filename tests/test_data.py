@@ -98,3 +98,26 @@ def test_every_randaugment_operation_accepts_its_whole_range_on_uint8_images():
     assert torch.equal(inverted, torch.where(images[0] >= 128, 255 - images[0], images[0]))
     out = rand_augment(images, torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_an_npz_file_of_uint8_arrays_is_a_dataset_and_a_bad_one_is_one_line(tmp_path):
+    """data.name=npz: image arrays as numpy holds them (N x H x W x 3) load as the digits split they were made
+    from; a missing array, a float array or a file that is not an .npz is a one-line error."""
+    import numpy as np
+    train, test = (load_split(DataConfig(name='digits', image_size=8), train=t) for t in (True, False))
+    path = tmp_path / 'digits.npz'
+    np.savez(path, train_images=train.images.permute(0, 2, 3, 1).numpy(), train_labels=train.labels.numpy(),
+             test_images=test.images.numpy(), test_labels=test.labels.numpy())
+    for split, reference in ((True, train), (False, test)):
+        loaded = load_split(DataConfig(name='npz', root=str(path), image_size=8), train=split)
+        assert torch.equal(loaded.images, reference.images) and torch.equal(loaded.labels, reference.labels)
+        assert loaded.classes == [str(i) for i in range(10)]
+    np.savez(tmp_path / 'partial.npz', train_images=train.images.numpy())
+    np.savez(tmp_path / 'float.npz', train_images=train.images.float().numpy(), train_labels=train.labels.numpy(),
+             test_images=test.images.numpy(), test_labels=test.labels.numpy())
+    (tmp_path / 'junk.npz').write_text('not an archive')
+    for name, message in (('partial.npz', r"lacks the arrays \['train_labels', 'test_images', 'test_labels'\]"),
+                          ('float.npz', 'train_images is float32 .* must be uint8 images'),
+                          ('junk.npz', 'is not a readable .npz file'), ('absent.npz', 'is not a readable .npz')):
+        with pytest.raises(DistillError, match=message):
+            load_split(DataConfig(name='npz', root=str(tmp_path / name)), train=True)

@@ -119,6 +119,8 @@ def test_the_exported_student_loads_with_plain_timm_and_reproduces_the_run(tmp_p
                                                                                      [str(i) for i in range(10)])
     assert config['pretrained_cfg']['mean'] == pytest.approx(checkpoint['normalization']['mean'].tolist())
     assert config['pretrained_cfg']['input_size'] == [3, size, size]
+    # timm's default weights' tag and origin would misattribute the run's weights
+    assert not {'tag', 'origin_url', 'license'} & set(config['pretrained_cfg'])
     code = LOGITS.format(imports=imports, folder=run / 'student', size=size)
     result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,7 @@
 """Every script under experiments/ and benchmarks/ still imports what it uses and parses its arguments (`--help`
 runs every module-level import without training), so a refactor of distill cannot silently break them."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 SCRIPTS = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '**', '*.py'), recursive=True)
-                 + glob.glob(os.path.join(REPO, 'benchmarks', '*.py')) if not path.endswith('common.py'))
+                 + glob.glob(os.path.join(REPO, 'benchmarks', '**', '*.py'), recursive=True)
+                 if not path.endswith('common.py'))
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda path: os.path.relpath(path, REPO))
@@ -17,3 +19,23 @@ def test_script_imports_and_parses_its_arguments(script):
     result = subprocess.run([sys.executable, script, '--help'], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and 'usage:' in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_part_in_its_cpu_smoke_mode(tmp_path):
+    """benchmarks/gpu/run.sh --cpu-smoke: every method x batch x variant of the matrix, the goals, the baseline
+    loop and both training runs complete without wandb importable, and the JSON and Markdown reports say so."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    result = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu', 'run.sh'), '--cpu-smoke'], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.load(open(tmp_path / 'gpu_bench.json'))
+    assert report['failed'] == [] and report['skipped'] == [] and report['machine']['smoke']
+    matrix = {(r['method'], r['batch'], r['variant']) for r in report['results'] if r['part'] == 'matrix'}
+    assert len(matrix) == 6 * 2 * 4 and all(r['img_s'] > 0 for r in report['results'] if 'img_s' in r)
+    parts = [r['name'] for r in report['results'] if r['part'] != 'matrix']
+    assert [name.split(',')[0] for name in parts] == ['plain PyTorch loop', 'teacher cifar_resnet20',
+                                                      'KD cifar_resnet20 -> cifar_resnet8']
+    assert [goal['goal'] for goal in report['goals']] == ['KD live, batch 64', 'KD cached, batch 512',
+                                                          'KD live / torchdistill']
+    assert '| KD cached | 8 |' in open(tmp_path / 'gpu_bench.md').read()

@@ -1,8 +1,9 @@
 """Where images come from: CIFAR-10/100 (torchvision), any ImageFolder tree (decoded once, cached as uint8 under
-``~/.cache/distill`` or ``$DISTILL_CACHE``) and scikit-learn's bundled digits, each as an ``ImageSplit`` held in
-memory, optionally reduced to some classes or a number of images per class."""
+``~/.cache/distill`` or ``$DISTILL_CACHE``), a ``.npz`` file of uint8 arrays and scikit-learn's bundled digits, each
+as an ``ImageSplit`` held in memory, optionally reduced to some classes or a number of images per class."""
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
-from ..errors import DistillError
+from ..errors import DistillError, first_line
 from ..files import atomic_save
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -92,6 +93,36 @@ def _load_digits(cfg: DataConfig, train: bool) -> ImageSplit:
     return ImageSplit(images, torch.from_numpy(labels[select]), [str(i) for i in range(10)])
 
 
+NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
+
+
+def _load_npz(cfg: DataConfig, train: bool) -> ImageSplit:
+    """``data.root`` a ``.npz`` file (``numpy.savez``) holding ``train_images``/``test_images`` (uint8, N x H x W x
+    3 as image arrays usually are, or N x 3 x H x W), ``train_labels``/``test_labels`` (integers) and optionally
+    ``classes`` (names); e.g. a subset of a dataset packed once to travel to a machine without it."""
+    path = os.path.expanduser(cfg.root)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = [key for key in NPZ_KEYS if key not in arrays.files]
+            if missing:
+                raise DistillError(f"{cfg.root} lacks the arrays {missing}; a data.name=npz file holds "
+                                   f"{', '.join(NPZ_KEYS)} (and optionally classes)")
+            prefix = 'train' if train else 'test'
+            images, labels = arrays[f'{prefix}_images'], arrays[f'{prefix}_labels']
+            count = max(int(arrays['train_labels'].max()), int(arrays['test_labels'].max())) + 1
+            classes = [str(name) for name in arrays['classes']] if 'classes' in arrays.files else \
+                [str(i) for i in range(count)]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DistillError(f"data.root={cfg.root} is not a readable .npz file ({first_line(exc)}); point it at a "
+                           f"file written by numpy.savez") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
+        raise DistillError(f"{cfg.root}: {prefix}_images is {images.dtype} {images.shape}; it must be uint8 images, "
+                           f"N x H x W x 3 or N x 3 x H x W")
+    tensor = torch.from_numpy(images)
+    tensor = tensor.permute(0, 3, 1, 2).contiguous() if images.shape[3] == 3 else tensor
+    return ImageSplit(tensor, torch.from_numpy(labels.astype(np.int64)), classes)
+
+
 def find_split_dir(root: str, train: bool) -> str:
     names = ('train',) if train else ('val', 'test')
     for name in names:
@@ -163,7 +194,8 @@ def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
     per_class = cfg.train_per_class if train else cfg.val_per_class
     if cfg.name == 'imagefolder':
         return _load_imagefolder(cfg, train, per_class)
-    split = _load_cifar(cfg, train) if cfg.name.startswith('cifar') else _load_digits(cfg, train)
+    loader = _load_cifar if cfg.name.startswith('cifar') else _load_npz if cfg.name == 'npz' else _load_digits
+    split = loader(cfg, train)
     split = _select_classes(split, cfg.classes, cfg.name)
     keep = torch.from_numpy(_keep_per_class(split.labels.numpy(), per_class, cfg.subset_seed))
     images = split.images[keep]
