@@ -70,3 +70,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def deployed_weights(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The student a checkpoint deploys: its EMA where the run kept one (the model it evaluated), else its weights."""
+    return checkpoint.get('model_ema') or checkpoint['model']

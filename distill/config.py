@@ -89,6 +89,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile student and teacher (falls back to eager, logged, if it fails)
     compile_mode: str = 'default'  # torch.compile mode; reduce-overhead: CUDA graphs (small batches are bound by
     # kernel launches on a GPU), max-autotune: also searches kernels
+    accumulate_steps: int = 1  # batches per optimizer step (gradient accumulation): global batch data.batch_size x this
     check_finite_every: Optional[int] = None  # steps between host checks for a non-finite loss; None: 1 on CPU,
     # 50 on CUDA (the check is on the device every step; the host looks only this often, so steps never sync)
 
@@ -125,6 +126,15 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the student (timm ``ModelEmaV3``), updated after every optimizer step; when
+    enabled it is what is evaluated, checkpointed as best and exported (as timm's train.py validates its EMA)."""
+    enabled: bool = False
+    decay: float = 0.9998  # timm train.py's --model-ema-decay
+    warmup: bool = False  # timm's decay warm-up: min(decay, 1 - (1 + step)^-0.67)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False  # also write every logged scalar as TensorBoard events in <run>/tensorboard
 
@@ -152,6 +162,7 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     teacher_finetune: Optional[TeacherFinetuneConfig] = None  # set: fine-tune the teacher first (two stages)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -168,7 +179,7 @@ CHOICES = {
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
             'trainer.check_finite_every', 'optimizer.lr', 'data.train_per_class', 'data.val_per_class',
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
-            'trainer.grad_clip', 'wandb.init_timeout')
+            'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps')
 NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
                 'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 
@@ -249,6 +260,8 @@ def _validate(cfg: Config) -> None:
             raise DistillError(f"data.{key} needs 3 values (one per RGB channel), got {values}")
     if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
         raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise DistillError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}; timm's default is 0.9998")
     for key in ('frozen_stages', 'unfreeze_every'):
         if getattr(cfg.transfer, key) < 0:
             raise DistillError(f"transfer.{key} must be >= 0, got {getattr(cfg.transfer, key)}")

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import deployed_weights, load_checkpoint
 from .config import Config, from_dict, to_dict
 from .errors import DistillError
 from .files import atomic_write, load_yaml_mapping
@@ -127,12 +127,13 @@ class RunDir:
                     os.unlink(os.path.join(folder, name))
 
     def export(self, student: nn.Module, data_config: Dict[str, Any], summary: Dict[str, Any]) -> None:
-        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model), and
-        the best as a timm model folder ``student/`` (``export``); ``student`` keeps its own weights."""
+        """Final and best student weights as safetensors (no optimizer, no adapters: the deployable model, the EMA
+        where one was kept), and the best as a timm model folder ``student/`` (``export``); ``student`` keeps its
+        own weights."""
         from safetensors.torch import save
         from .export import model_card, write_timm_folder
-        states = {which: load_checkpoint(checkpoint)['model'] for which, checkpoint in (('last', self.last),
-                                                                                          ('best', self.best))}
+        states = {which: deployed_weights(load_checkpoint(checkpoint))
+                  for which, checkpoint in (('last', self.last), ('best', self.best))}
         for which, state in states.items():
             payload = save({k: v.contiguous() for k, v in state.items()})
             atomic_write(self.student_weights(which), lambda f: f.write(payload))

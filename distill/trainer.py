@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import rng_state, seed_everything, set_rng_state
 from .config import Config, save_config, to_dict
-from .data import Batch, Placement, build_data
+from .data import Placement, build_data
 from .distiller import Distiller, TrainableParts
 from .errors import DistillError
 from .evaluation import evaluate
@@ -32,6 +32,7 @@ from .optim import check_scheduler, create_optimizer, create_scheduler
 from .run_dir import RunDir
 from .run_logger import NullLogger, RunLogger, check_wandb_reachable
 from .runtime import CompiledForward, Runtime
+from .stepping import Stepper, create_ema
 from .teachers import build_teacher
 from .transfer import StageFreezer, apply_lr_scales, param_groups, uses_transfer
 
@@ -77,6 +78,7 @@ class Trainer:
         if self.freezer is not None:
             self.freezer.apply(0)
         self.trainable = self.distiller.trainable_modules()
+        self.ema = create_ema(student, cfg.ema)
         single_process = [name for name, term in self.distiller.loss_terms.items()
                           if Need.PER_SAMPLE_STATE in term.needs]
         self.forward = CompiledForward(runtime.wrap(self.distiller, TrainableParts(self.distiller), single_process),
@@ -85,10 +87,14 @@ class Trainer:
         params = self.trainable if self.freezer is None else \
             param_groups(student, [self.distiller.loss_terms], cfg.optimizer, cfg.transfer)
         self.optimizer = create_optimizer(params, cfg.optimizer, self.device)
-        self.scheduler = create_scheduler(self.optimizer, cfg.scheduler, cfg.trainer.epochs, len(self.data.train))
+        accumulate = cfg.trainer.accumulate_steps
+        self.scheduler = create_scheduler(self.optimizer, cfg.scheduler, cfg.trainer.epochs,
+                                          math.ceil(len(self.data.train) / accumulate))
         if self.scheduler is None and self.freezer is not None:
             apply_lr_scales(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == 'fp16')
+        self.stepper = Stepper(runtime, self.optimizer, self.scaler, list(self.trainable.parameters()),
+                               cfg.trainer.grad_clip, accumulate)
 
         self.start_epoch, self.num_updates, self.history = 0, 0, []
         self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
@@ -113,6 +119,7 @@ class Trainer:
     def _state(self, epoch: int) -> Dict[str, Any]:
         return {
             'model': self.distiller.student.state_dict(),
+            'model_ema': self.ema.module.state_dict() if self.ema is not None else None,
             'loss_terms': self.distiller.loss_terms.state_dict(),
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict() if self.scheduler else None,
@@ -127,6 +134,8 @@ class Trainer:
 
     def _restore(self, checkpoint: Dict[str, Any]) -> None:
         self.distiller.student.load_state_dict(checkpoint['model'])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint['model_ema'])
         self.distiller.loss_terms.load_state_dict(checkpoint['loss_terms'])
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         if self.scheduler and checkpoint['scheduler']:
@@ -139,28 +148,6 @@ class Trainer:
         self.data.train.generator.set_state(checkpoint['data_generator'])
         self.logger.rewrite_history(self.history)
         self.logger.info(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
-
-    def _update(self, forward, optimizer, scaler, parameters, batch: Batch, epoch: int,
-                reduce_grads: bool = False) -> Dict[str, Any]:
-        """One optimisation step: forward under autocast, scaled backward, clip, step. ``batch.loss_scale``
-        weights a rank's part of a global batch; ``reduce_grads`` averages gradients over ranks where DDP
-        does not."""
-        with self.runtime.autocast():
-            out = forward(self.runtime.batch(batch), epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss_scale = batch.loss_scale
-        scaler.scale(out['loss'] * loss_scale if loss_scale != 1.0 else out['loss']).backward()
-        if reduce_grads and self.dist.enabled:
-            for p in parameters:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(self.dist.world_size)
-        if self.cfg.trainer.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(parameters, self.cfg.trainer.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        return out
 
     def run_pre_stage(self) -> None:
         """RepDistiller's ``init`` stage (FSP, FT, AB): before epoch 1, train each such term's pre-stage modules
@@ -176,7 +163,8 @@ class Trainer:
             p.requires_grad_(True)
         optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.amp_dtype == torch.float16)
-        params = [p for group in groups for p in group['params']]
+        stepper = Stepper(self.runtime, optimizer, scaler, [p for group in groups for p in group['params']],
+                          self.cfg.trainer.grad_clip, reduce_grads=True)
         for epoch in range(epochs):
             distiller.eval()
             for module in trained:
@@ -184,8 +172,7 @@ class Trainer:
             guard = FiniteGuard(1, self.device)
             totals = torch.zeros(2, device=self.device)  # loss sum, count
             for step, batch in enumerate(self.data.train):
-                out = self._update(distiller.pre_stage_forward, optimizer, scaler, params, batch, epoch,
-                                   reduce_grads=True)
+                out = stepper.update(distiller.pre_stage_forward, batch, epoch)
                 stop_if_nonfinite(guard.observe(out, step), epoch, self.run_dir.last)
                 totals += torch.stack([out['loss'].detach().float() * len(batch.labels),
                                        torch.tensor(float(len(batch.labels)), device=self.device)])
@@ -199,7 +186,7 @@ class Trainer:
         """One pass over the training split. Nothing in a step waits for the device: metrics add up on it and
         the host looks at the loss only every ``check_finite_every`` steps."""
         self.distiller.train()
-        device, parameters = self.device, list(self.trainable.parameters())
+        device, accumulate, steps = self.device, self.cfg.trainer.accumulate_steps, len(self.data.train)
         every = self.cfg.trainer.check_finite_every or (1 if device.type == 'cpu' else 50)
         guard = FiniteGuard(every, device)
         sums: Optional[torch.Tensor] = None  # loss, each term, top-1 hits, count (summed over samples)
@@ -207,11 +194,15 @@ class Trainer:
         bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         for step, batch in enumerate(bar):
-            out = self._update(self.forward, self.optimizer, self.scaler, parameters, batch, epoch)
+            closes_group = (step + 1) % accumulate == 0 or step + 1 == steps
+            out = self.stepper.update(self.forward, batch, epoch, closes_group)
             stop_if_nonfinite(guard.observe(out, step), epoch, self.run_dir.last)
-            self.num_updates += 1
-            if self.scheduler:
-                self.scheduler.step_update(num_updates=self.num_updates)
+            if closes_group:
+                self.num_updates += 1
+                if self.ema is not None:
+                    self.ema.update(self.distiller.student, step=self.num_updates)
+                if self.scheduler:
+                    self.scheduler.step_update(num_updates=self.num_updates)
             size = len(batch.labels)
             values = torch.stack([out['loss'].detach().float()] + [v.float() for v in out['terms'].values()])
             step_sums = torch.cat([values * size, torch.stack([
@@ -264,9 +255,11 @@ class Trainer:
         lr = group['lr'] / group.get('lr_scale', 1.0)
         record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
         evaluated = (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
-        if evaluated:
-            val = self._evaluate(self.distiller.student)
+        if evaluated:  # with an EMA, the averaged student is the one evaluated, kept as best and exported
+            val = self._evaluate(self.ema.module if self.ema is not None else self.distiller.student)
             record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'])
+            if self.ema is not None:
+                record['val_top1_raw'] = self._evaluate(self.distiller.student)['top1']
         record['epoch_time'] = time.perf_counter() - started
         if self.scheduler:
             self.scheduler.step(epoch + 1)

@@ -10,8 +10,9 @@ from ..checkpoint import torch_load
 from ..errors import DistillError, first_line
 
 # Keys under which known checkpoint formats nest their weights: distill and RepDistiller/mdistiller use
-# 'model', timm's train.py and many others 'state_dict'.
-_NESTED_KEYS = ('model', 'state_dict')
+# 'model', timm's train.py and many others 'state_dict'; a distill run with ``ema`` keeps the averaged student, the
+# one it evaluated and exported, under 'model_ema' (None without).
+_NESTED_KEYS = ('model_ema', 'model', 'state_dict')
 
 
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
