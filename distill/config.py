@@ -47,6 +47,7 @@ class DataConfig:
     classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
     in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
     workers: int = 8  # streaming only: decoding processes
+    auto_augment: Optional[str] = None  # streaming only: timm AutoAugment/RandAugment/AugMix, e.g. rand-m9-mstd0.5-inc1
     eval_crop_pct: float = 0.875  # streaming only: validation resize to image_size / eval_crop_pct, centre crop
     allow_empty_classes: bool = False  # imagefolder: keep class folders without images (a class nothing trains)
     skip_bad_images: bool = False  # imagefolder: leave out (and count) files that do not decode, instead of stopping
@@ -281,9 +282,10 @@ def _validate(cfg: Config) -> None:
         fixed = [key for key in ('train_per_class', 'val_per_class', 'classes') if getattr(cfg.data, key) is not None]
         if fixed:
             raise DistillError(f"data.{fixed[0]} needs the in-memory pipeline; drop it or set data.in_memory=true")
-    elif cfg.data.augment == 'random_resized_crop':
-        raise DistillError("data.augment=random_resized_crop is for streamed data (data.in_memory=false); in memory "
-                           "use crop_flip, crop or none")
+    elif cfg.data.augment == 'random_resized_crop' or cfg.data.auto_augment:
+        what = 'augment=random_resized_crop' if cfg.data.augment == 'random_resized_crop' else 'auto_augment'
+        raise DistillError(f"data.{what} is for streamed data (data.in_memory=false); in memory use augment "
+                           f"crop_flip, crop or none")
     if not 0.0 <= cfg.transfer.head_dropout < 1.0:
         raise DistillError(f"transfer.head_dropout must be in [0, 1), got {cfg.transfer.head_dropout}")
 

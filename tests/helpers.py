@@ -67,3 +67,18 @@ def random_logits(gen):
 
 
 TARGETS = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])  # the labels of random_logits' 8 rows
+
+
+def image_folder(root, per_class=12, size=40):
+    """A small ImageFolder tree (train/ and val/, 3 classes) of real digits images, upscaled to ``size``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for split, offset in (('train', 0), ('val', 100)):
+        for label in range(3):
+            os.makedirs(root / split / str(label), exist_ok=True)
+            members = [i for i, t in enumerate(digits.target) if t == label][offset:offset + per_class]
+            for i in members:
+                gray = (digits.images[i] * 255 / 16).astype('uint8')
+                Image.fromarray(gray).convert('RGB').resize((size, size)).save(root / split / str(label) / f'{i}.png')
+    return str(root)

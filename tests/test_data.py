@@ -121,3 +121,33 @@ def test_an_npz_file_of_uint8_arrays_is_a_dataset_and_a_bad_one_is_one_line(tmp_
                           ('junk.npz', 'is not a readable .npz file'), ('absent.npz', 'is not a readable .npz')):
         with pytest.raises(DistillError, match=message):
             load_split(DataConfig(name='npz', root=str(tmp_path / name)), train=True)
+
+
+def test_streamed_augmentation_is_a_function_of_epoch_seed_and_index_alone():
+    """data.in_memory=false with timm's RandAugment: the batches of two epochs are the same with 0 or 2 persistent
+    workers, each image regenerates bit-exactly from (the epoch's seed, its index) alone, and decoding in the
+    training process leaves its torch, numpy and Python RNGs as they were."""
+    import dataclasses
+    import random
+    import numpy as np
+    cfg = DataConfig(name='imagefolder', root=SHARED_CIFAR10, in_memory=False, image_size=32, batch_size=12,
+                     augment='random_resized_crop', auto_augment='rand-m9-mstd0.5-inc1')
+    runs = {}
+    for workers in (0, 2):
+        loader = build_data(dataclasses.replace(cfg, workers=workers), seed=5).train
+        states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        runs[workers] = [(next(iter(loader)), loader.epoch_seed) for _ in range(2)]
+        assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+        assert np.array_equal(states[2], np.random.get_state()[1])
+    assert loader._loader.persistent_workers and runs[0][0][1] != runs[0][1][1]
+    for (batch, seed), (again, _) in zip(runs[0], runs[2]):
+        assert torch.equal(batch.images, again.images) and torch.equal(batch.indices, again.indices)
+        for position in (0, 7):
+            pixels = loader.augmented(int(batch.indices[position]), seed)
+            expected = ((pixels.float() / 255 - loader.mean[0]) / loader.std[0])
+            torch.testing.assert_close(batch.images[position], expected, rtol=0, atol=1e-6)
+    with pytest.raises(DistillError, match="data.auto_augment='rand-x9' is not a timm augmentation string"):
+        build_data(dataclasses.replace(cfg, auto_augment='rand-x9'), seed=0)
+    with pytest.raises(DistillError, match='data.auto_augment is for streamed data'):
+        from distill.config import from_dict
+        from_dict({'data': {'auto_augment': 'rand-m9'}})

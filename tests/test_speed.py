@@ -18,7 +18,7 @@ from distill.data import apply_views, augment_batch, build_data, draw_views, vie
 from distill.errors import DistillError
 from distill.teacher_cache import TeacherCache
 from distill.trainer import Trainer
-from helpers import digits_config
+from helpers import digits_config, image_folder
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
@@ -229,24 +229,9 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert refused.returncode != 0 and "loss terms ['crd'] keep per-sample state" in refused.stderr
 
 
-def _image_folder(root, per_class=12, size=40):
-    """A small ImageFolder tree (train/ and val/, 3 classes) of real digits images, upscaled to ``size``."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    for split, offset in (('train', 0), ('val', 100)):
-        for label in range(3):
-            os.makedirs(root / split / str(label), exist_ok=True)
-            members = [i for i, t in enumerate(digits.target) if t == label][offset:offset + per_class]
-            for i in members:
-                gray = (digits.images[i] * 255 / 16).astype('uint8')
-                Image.fromarray(gray).convert('RGB').resize((size, size)).save(root / split / str(label) / f'{i}.png')
-    return str(root)
-
-
 def test_streamed_image_folder_trains_with_imagenet_augmentation_and_a_seeded_order(tmp_path):
     from distill.data import build_data
-    root = _image_folder(tmp_path / 'folder')
+    root = image_folder(tmp_path / 'folder')
     data_cfg = {'name': 'imagefolder', 'root': root, 'in_memory': False, 'workers': 2, 'image_size': 32,
                 'augment': 'random_resized_crop', 'batch_size': 8}
     first, again = (build_data(from_dict({'data': data_cfg}).data, seed=3) for _ in range(2))

@@ -79,7 +79,8 @@ def build_streaming_data(cfg: DataConfig, seed: int, placement: Placement = Plac
     train, val = (StreamingLoader(streaming_split_dir(cfg.root, train), cfg.batch_size if train else
                                   cfg.eval_batch_size, mean, std, train, cfg.augment, cfg.image_size,
                                   cfg.crop_padding, cfg.workers, cfg.eval_crop_pct,
-                                  torch.Generator().manual_seed(seed) if train else None, placement)
+                                  torch.Generator().manual_seed(seed) if train else None, placement,
+                                  cfg.auto_augment)
                   for train in (True, False))
     _check_same_classes(train.split.classes, val.split.classes)
     _check_classes(cfg, len(train.split.classes))

@@ -1,15 +1,25 @@
 """ImageFolder trees too large to hold in memory (ImageNet), streamed from disk through DataLoader workers.
 
 ``data.in_memory: false`` selects this path. Training images get timm/torchvision's ImageNet augmentation
-(``random_resized_crop``: RandomResizedCrop to ``image_size`` + horizontal flip) or the CIFAR crop and flip;
-validation images are resized to ``image_size / eval_crop_pct`` and centre-cropped. Workers decode to uint8;
-normalisation runs on the training device. The epoch's order comes from the trainer's seeded generator (so a
-resumed run continues the same order) and each epoch's worker seed is drawn from it too; under torch.distributed
-every rank takes its own part of each global batch, as with the in-memory loader.
-"""
-import os
-from typing import Iterator, List, Optional
+(``random_resized_crop``: RandomResizedCrop to ``image_size`` + horizontal flip) or the CIFAR crop and flip, then
+timm's AutoAugment / RandAugment / AugMix where ``data.auto_augment`` names one (timm's strings, e.g.
+``rand-m9-mstd0.5-inc1``, with timm's parameters for them); validation images are resized to
+``image_size / eval_crop_pct`` and centre-cropped. Persistent workers decode to uint8 into pinned memory;
+normalisation runs on the training device.
 
+Every random draw of a training image's augmentation (torch, numpy and Python ``random``, which timm's operations
+use) is seeded from (the epoch's seed, the image's index) alone, so an image's augmented pixels do not depend on
+the worker that made them, the number of workers, or what was decoded before: an epoch can be regenerated image by
+image. The epoch's order and seed come from the trainer's seeded generator (checkpointed: a resumed run continues
+the same stream); under torch.distributed every rank takes its own part of each global batch, as with the
+in-memory loader.
+"""
+import contextlib
+import os
+import random
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,19 +39,76 @@ class LabelSplit:
         return len(self.labels)
 
 
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: a pure function of both (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([epoch_seed, index]).generate_state(1, np.uint32)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Every global RNG an augmentation may draw from (torch, numpy, Python) seeded with ``seed``; the caller's
+    states restored afterwards (a loader without workers decodes in the training process)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class _Indexed(Dataset):
+    """Items are ``(index, epoch seed)``: the image's augmentation is seeded from both (``sample_seed``)."""
+
     def __init__(self, folder):
         self.folder = folder
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int):
-        image, label = self.folder[index]
+    def __getitem__(self, key: Tuple[int, int]):
+        index, epoch_seed = key
+        with seeded(sample_seed(epoch_seed, index)):
+            image, label = self.folder[index]
         return image, label, index
 
 
-def image_transform(train: bool, augment: str, image_size: int, padding: int, crop_pct: float):
+class _EpochBatches:
+    """The DataLoader's batch sampler: the current epoch's batches of ``(index, epoch seed)``, set per epoch so the
+    persistent workers serve every epoch."""
+
+    def __init__(self):
+        self.batches: List[List[Tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def auto_augment_transform(config: str, image_size: int, mean: Sequence[float]):
+    """timm's AutoAugment / RandAugment / AugMix for a timm config string, with the parameters timm's
+    ``transforms_imagenet_train`` gives them (translation 45% of the size, the fill colour the mean)."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform as auto, \
+        rand_augment_transform
+    params = {'translate_const': int(image_size * 0.45), 'img_mean': tuple(min(255, round(255 * x)) for x in mean)}
+    try:
+        if config.startswith('rand'):
+            return rand_augment_transform(config, params)
+        if config.startswith('augmix'):
+            return augment_and_mix_transform(config, {**params, 'translate_pct': 0.3})
+        return auto(config, params)
+    except (AssertionError, KeyError, ValueError, IndexError) as exc:
+        raise DistillError(f"data.auto_augment={config!r} is not a timm augmentation string ({type(exc).__name__}: "
+                           f"{exc}); use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original") from None
+
+
+def image_transform(train: bool, augment: str, image_size: int, padding: int, crop_pct: float,
+                    auto_augment: Optional[str] = None, mean: Sequence[float] = (0.5, 0.5, 0.5)):
     from torchvision.transforms import v2 as T
     if not train:
         resize = int(round(image_size / crop_pct))
@@ -54,6 +121,8 @@ def image_transform(train: bool, augment: str, image_size: int, padding: int, cr
             steps.append(T.RandomCrop(image_size, padding=padding))
         if augment == 'crop_flip':
             steps.append(T.RandomHorizontalFlip())
+    if train and auto_augment:  # timm's operations work on PIL images
+        steps += [T.ToPILImage(), auto_augment_transform(auto_augment, image_size, mean), T.ToImage()]
     return T.Compose([T.ToImage()] + steps + [T.ToDtype(torch.uint8)])
 
 
@@ -63,16 +132,23 @@ class StreamingLoader:
 
     def __init__(self, split_dir: str, batch_size: int, mean: torch.Tensor, std: torch.Tensor, train: bool,
                  augment: str, image_size: int, padding: int, workers: int, crop_pct: float,
-                 generator: Optional[torch.Generator] = None, placement: Placement = Placement()):
+                 generator: Optional[torch.Generator] = None, placement: Placement = Placement(),
+                 auto_augment: Optional[str] = None):
         from torchvision.datasets import ImageFolder
         self.folder = ImageFolder(split_dir, transform=image_transform(train, augment, image_size, padding,
-                                                                        crop_pct))
+                                                                        crop_pct, auto_augment, mean.tolist()))
         self.split = LabelSplit(torch.as_tensor(self.folder.targets, dtype=torch.int64), self.folder.classes)
         self.batch_size, self.train, self.augment, self.padding, self.workers = \
             batch_size, train, augment, padding, workers
         self.device, self.rank, self.world_size = torch.device(placement.device), placement.rank, placement.world_size
         self.mean, self.std = mean.view(1, -1, 1, 1).to(self.device), std.view(1, -1, 1, 1).to(self.device)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._batches, self._loader = _EpochBatches(), None
+        self.epoch_seed = 0  # the current epoch's: with an index, it regenerates an image (``augmented``)
+
+    def augmented(self, index: int, epoch_seed: int) -> torch.Tensor:
+        """Image ``index`` as the epoch of ``epoch_seed`` augmented it (uint8, before normalisation)."""
+        return _Indexed(self.folder)[(index, epoch_seed)][0]
 
     def _plan(self, order: torch.Tensor):
         return plan_batches(order, self.batch_size, self.train, self.rank, self.world_size)
@@ -83,12 +159,14 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
         batches = self._plan(torch.randperm(n, generator=self.generator) if self.train else torch.arange(n))
-        worker_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) if self.train else 0
-        parts = [batch[local].tolist() for batch, local, _ in batches]  # this rank's samples of each batch
-        loader = DataLoader(_Indexed(self.folder), batch_sampler=parts,
-                            num_workers=self.workers, pin_memory=self.device.type == 'cuda',
-                            generator=torch.Generator().manual_seed(worker_seed))
-        for (images, labels, indices), (*_, loss_scale) in zip(loader, batches):
+        self.epoch_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) if self.train else 0
+        # this rank's samples of each batch
+        self._batches.batches = [[(i, self.epoch_seed) for i in batch[local].tolist()] for batch, local, _ in batches]
+        if self._loader is None:  # its own generator: creating an epoch's iterator leaves torch's global RNG alone
+            self._loader = DataLoader(_Indexed(self.folder), batch_sampler=self._batches,
+                                      num_workers=self.workers, persistent_workers=self.workers > 0,
+                                      pin_memory=self.device.type == 'cuda', generator=torch.Generator())
+        for (images, labels, indices), (*_, loss_scale) in zip(self._loader, batches):
             images = images.to(self.device, non_blocking=True)
             labels, indices = labels.to(self.device, non_blocking=True), indices.to(self.device)
             yield Batch(normalize(images, self.mean, self.std), labels, indices, torch.zeros_like(indices), None,
