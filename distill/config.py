@@ -124,6 +124,9 @@ class TeacherCacheConfig:
     enabled: bool = False
     dir: Optional[str] = None  # default: $DISTILL_CACHE/teacher_logits (~/.cache/distill/teacher_logits)
     dtype: str = 'float16'  # float16 (half the memory) | float32 (equal to the live teacher's fp32 logits)
+    mode: str = 'views'  # views: the table above (in-memory data) | record | replay: a streamed run's teacher top-k
+    # logits per (epoch, image), recorded once and replayed by later runs without a teacher (distill/teacher_record.py)
+    top_k: Optional[int] = 10  # record: logits kept per image (TinyViT's k); null: every class (exact replay)
 
 
 @dataclass
@@ -176,11 +179,13 @@ CHOICES = {
     'transfer.freeze': ('full', 'partial', 'linear_probe'),
     'wandb.mode': ('online', 'offline', 'disabled'),
     'teacher_cache.dtype': ('float16', 'float32'),
+    'teacher_cache.mode': ('views', 'record', 'replay'),
 }
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
             'trainer.check_finite_every', 'optimizer.lr', 'data.train_per_class', 'data.val_per_class',
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
-            'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps')
+            'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
+            'teacher_cache.top_k')
 NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
                 'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 

@@ -1,5 +1,6 @@
-"""The teacher side of a distillation step: a frozen model run on every batch (``LiveTeacher``), or its logits
-read from a table filled once per (training image, augmentation view) (``CachedTeacher``).
+"""The teacher side of a distillation step: a frozen model run on every batch (``LiveTeacher``), its logits read
+from a table filled once per (training image, augmentation view) (``CachedTeacher``), or, on streamed data, its
+top-k logits recorded per (epoch, image) (``RecordingTeacher``) and replayed without running it (``ReplayTeacher``).
 
 Either way the teacher is frozen: no gradients, always in eval mode (also after ``.train()``), run under
 ``torch.no_grad()``, so its BatchNorm statistics never change. The ``Distiller`` tells it once which feature taps
@@ -7,6 +8,7 @@ its loss terms read (``watch``); each step it returns ``(logits, {tap: feature})
 expects another normalisation or input size than the student (its pretrained weights') sees the batch through its
 ``adapter`` (``inputs.TeacherInput``).
 """
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +19,7 @@ from .errors import DistillError
 from .features import FeatureExtractor, TapLayer
 from .inputs import TeacherInput, teacher_input
 from .teacher_cache import TeacherCache, open_teacher_cache
+from .teacher_record import Recording, dense_logits, key_folder, open_replay, record_key
 
 TeacherOutputs = Tuple[torch.Tensor, Dict[TapLayer, torch.Tensor]]
 
@@ -92,14 +95,101 @@ class CachedTeacher(LiveTeacher):
         return {'teacher_cache_filled': self.cache.fill_ratio}
 
 
+class RecordingTeacher(LiveTeacher):
+    """A live teacher whose top-k logits (and log-sum-exp) per image are written, with the epoch's order and seed,
+    to ``recording`` at every epoch end (``teacher_record``)."""
+
+    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
+                 top_k: int, dtype: str, info: Dict[str, Any]):
+        super().__init__(model, adapter)
+        self.recording, self.loader, self.top_k, self.info = recording, loader, top_k, info
+        self.dtype = {'float16': torch.float16, 'float32': torch.float32}[dtype]
+        self.buffers: Optional[Dict[str, torch.Tensor]] = None
+
+    def watch(self, layers: Sequence[TapLayer]) -> None:
+        CachedTeacher.watch(self, layers)
+
+    def forward(self, batch: Batch) -> TeacherOutputs:
+        logits, features = super().forward(batch)
+        top = logits.float().topk(self.top_k, dim=1)
+        if self.buffers is None:
+            count, device = len(self.loader.split), logits.device
+            index_dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+            self.buffers = {'values': torch.zeros(count, self.top_k, dtype=self.dtype, device=device),
+                            'classes': torch.zeros(count, self.top_k, dtype=index_dtype, device=device),
+                            'lse': torch.zeros(count, device=device), 'seen': torch.zeros(count, dtype=torch.bool,
+                                                                                           device=device)}
+        rows = batch.indices.to(logits.device)
+        self.buffers['values'][rows] = top.values.to(self.dtype)
+        self.buffers['classes'][rows] = top.indices.to(self.buffers['classes'].dtype)
+        self.buffers['lse'][rows] = logits.float().logsumexp(1)
+        self.buffers['seen'][rows] = True
+        return logits, features
+
+    def end_epoch(self) -> Dict[str, Any]:
+        buffers, self.buffers = self.buffers, None
+        if buffers is None or not bool(buffers.pop('seen').all()):
+            raise DistillError("a recorded epoch did not see every training image; record in one process "
+                               "(without torchrun)")
+        self.recording.write_epoch(self.loader.epoch, {**buffers, 'order': self.loader.epoch_order,
+                                                      'seed': torch.tensor([self.loader.epoch_seed])}, self.info)
+        return {}
+
+
+class ReplayTeacher(LiveTeacher):
+    """The recorded teacher's logits of each batch's images (``teacher_record.dense_logits``); the model itself is
+    kept for evaluation only and never runs in training. The loader follows the recording's order and seeds."""
+
+    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
+                 num_classes: int):
+        super().__init__(model, adapter)
+        self.recording, self.loader, self.num_classes = recording, loader, num_classes
+        self.current: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
+        loader.replay = recording
+
+    def watch(self, layers: Sequence[TapLayer]) -> None:
+        CachedTeacher.watch(self, layers)
+
+    def forward(self, batch: Batch) -> TeacherOutputs:
+        if self.current is None or self.current[0] != self.loader.epoch:
+            tensors = self.recording.epoch(self.loader.epoch)
+            self.current = (self.loader.epoch, {name: tensors[name].to(batch.images.device)
+                                                for name in ('values', 'classes', 'lse')})
+        table, rows = self.current[1], batch.indices.to(batch.images.device)
+        return dense_logits(table['values'][rows], table['classes'][rows], table['lse'][rows], self.num_classes), {}
+
+
+def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loader, num_classes: int,
+                     precision: str) -> LiveTeacher:
+    """``teacher_cache.mode`` record or replay on a streamed loader (``teacher_record``)."""
+    from .data import cache_dir
+    settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'auto_augment': cfg.data.auto_augment,
+                'image_size': cfg.data.image_size, 'crop_padding': cfg.data.crop_padding,
+                'teacher_input': adapter.describe() if adapter is not None else None}
+    key = record_key(model, loader, settings)
+    root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
+    if cfg.teacher_cache.mode == 'replay':
+        return ReplayTeacher(model, adapter, open_replay(root, key, cfg.trainer.epochs), loader, num_classes)
+    recording = Recording(key_folder(root, key), key)
+    seed = recording.meta.get('seed', cfg.trainer.seed)
+    if seed != cfg.trainer.seed:
+        raise DistillError(f"recording {recording.folder} was drawn with trainer.seed={seed}; record with that "
+                           f"seed (its stream), or into another teacher_cache.dir")
+    top_k = min(cfg.teacher_cache.top_k or num_classes, num_classes)
+    return RecordingTeacher(model, adapter, recording, loader, top_k, cfg.teacher_cache.dtype,
+                            {'seed': seed, 'top_k': top_k, 'dtype': cfg.teacher_cache.dtype,
+                             'num_classes': num_classes, 'teacher_precision': precision})
+
+
 def as_teacher(teacher: Optional[nn.Module]) -> Optional[LiveTeacher]:
     """A plain model becomes a ``LiveTeacher``; teachers and None pass through."""
     return teacher if teacher is None or isinstance(teacher, LiveTeacher) else LiveTeacher(teacher)
 
 
-def cache_blocker(losses: Dict[str, Any], num_views: int, augment: str) -> Optional[str]:
+def cache_blocker(losses: Dict[str, Any], num_views: Optional[int], augment: str) -> Optional[str]:
     """Why teacher logits looked up by (image, view) would not give the configured loss terms what a live
-    teacher gives (checked from the terms' declarations, before any table is created), or None when exact."""
+    teacher gives (checked from the terms' declarations, before any table is created), or None when exact.
+    ``num_views`` None: a recording (``teacher_record``), which does not enumerate views."""
     from .losses import Need, list_losses
     registered = list_losses()
     terms = {name: registered[name] for name in losses if name in registered}
@@ -111,7 +201,8 @@ def cache_blocker(losses: Dict[str, Any], num_views: int, augment: str) -> Optio
     if any(Need.STRONG_VIEW in term.needs for term in terms.values()):
         return "a RandAugment view (MLKD) has no finite set of views to cache"
     if num_views == 0:
-        return f"data.augment={augment} on streamed images has no finite set of views"
+        return f"data.augment={augment} on streamed images has no finite set of views (teacher_cache.mode record " \
+               f"and replay serve streamed data)"
     return None
 
 
@@ -128,10 +219,15 @@ def build_teacher(model: nn.Module, cfg, loader, num_classes: int, device: torch
         notes.append(f"teacher input: {normalised}{resized} (its pretrained_cfg)")
     if not cfg.teacher_cache.enabled:
         return LiveTeacher(model, adapter)
-    blocker = cache_blocker(cfg.losses, loader.num_views, cfg.data.augment)
+    recorded = cfg.teacher_cache.mode != 'views'
+    blocker = cache_blocker(cfg.losses, None if recorded else loader.num_views, cfg.data.augment)
+    if recorded and loader.num_views:
+        blocker = "record and replay follow a streamed run; the in-memory pipeline's views table is exact (mode views)"
     if blocker:
-        raise DistillError(f"teacher_cache.enabled=true cannot be exact here: {blocker}; set "
+        raise DistillError(f"teacher_cache (mode {cfg.teacher_cache.mode}) cannot be exact here: {blocker}; set "
                            f"teacher_cache.enabled=false")
+    if recorded:
+        return recorded_teacher(model, adapter, cfg, loader, num_classes, cfg.trainer.precision)
     settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'precision': cfg.trainer.precision,
                 'channels_last': channels_last}
     if adapter is not None:  # only then: the tables of teachers that see the student's input keep their key

@@ -186,6 +186,7 @@ class Trainer:
         """One pass over the training split. Nothing in a step waits for the device: metrics add up on it and
         the host looks at the loss only every ``check_finite_every`` steps."""
         self.distiller.train()
+        self.data.train.set_epoch(epoch)
         device, accumulate, steps = self.device, self.cfg.trainer.accumulate_steps, len(self.data.train)
         every = self.cfg.trainer.check_finite_every or (1 if device.type == 'cpu' else 50)
         guard = FiniteGuard(every, device)

@@ -44,6 +44,9 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next ``__iter__`` serves (a replayed stream follows its recording's epochs)."""
+
 
 def plan_batches(order: torch.Tensor, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1) -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
@@ -89,6 +92,9 @@ class BatchLoader:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.rank, self.world_size = placement.rank, placement.world_size
         self.num_views = view_count(augment, padding) if train else 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """In memory, epochs follow the generator alone."""
 
     def __len__(self) -> int:
         return len(plan_batches(torch.arange(len(self.split)), self.batch_size, self.train, self.rank,

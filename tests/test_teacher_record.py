@@ -1,0 +1,120 @@
+"""teacher_cache.mode record / replay on a streamed ImageFolder run (distill/teacher_record.py)."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from distill.config import from_dict
+from distill.errors import DistillError
+from distill.teacher_record import dense_logits
+from distill.trainer import Trainer
+from helpers import digits_config, image_folder
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """A 3-class streamed ImageFolder tree of real digits images and a fixed teacher."""
+    root = tmp_path_factory.mktemp('record')
+    folder = image_folder(root / 'folder')
+    torch.manual_seed(1)
+    teacher = str(root / 'teacher.safetensors')
+    save_file(timm.create_model('cifar_resnet8x4', num_classes=3).state_dict(), teacher)
+    return folder, teacher
+
+
+def run_config(tmp_path, setup, run_name, mode, seed=0, epochs=2, top_k=None, dtype='float32', **data):
+    folder, teacher = setup
+    cfg = digits_config(tmp_path, run_name, epochs=epochs, student={'name': 'cifar_resnet8'},
+                        teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher}, losses={'ce': 0.1, 'kd': 0.9},
+                        scheduler={'name': 'none'}, trainer={'seed': seed},
+                        teacher_cache={'enabled': True, 'mode': mode, 'dir': str(tmp_path / 'records'),
+                                       'top_k': top_k, 'dtype': dtype})
+    cfg['data'] = {'name': 'imagefolder', 'root': folder, 'in_memory': False, 'workers': 0, 'image_size': 32,
+                   'augment': 'random_resized_crop', 'auto_augment': 'rand-m9-mstd0.5-inc1', 'batch_size': 8, **data}
+    return from_dict(cfg)
+
+
+def train_epochs(trainer, epochs):
+    for epoch in range(epochs):
+        trainer.train_one_epoch(epoch)
+    return trainer
+
+
+def test_a_dense_replay_trains_what_the_recording_run_trained_without_running_the_teacher(tmp_path, setup):
+    """Every class recorded in float32: a replay run with the recording's seed gets the same batches (the loader
+    follows the recorded order and epoch seeds, regenerating the RandAugment pixels) and the teacher's exact logits,
+    so its student ends bit-equal, and the teacher model is never called in training; a run of another seed
+    replays the same stream."""
+    recorder = train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record'), quiet=True), 2)
+    folder = recorder.distiller.teacher.recording.folder
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    assert sorted(meta['epochs']) == ['0', '1'] and meta['top_k'] == 3 and meta['seed'] == 0
+    replay = Trainer(run_config(tmp_path, setup, 'replay', 'replay'), quiet=True)
+    calls = []
+    replay.distiller.teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    train_epochs(replay, 2)
+    assert calls == []
+    for (name, a), b in zip(recorder.distiller.student.state_dict().items(),
+                            replay.distiller.student.state_dict().values()):
+        assert torch.equal(a, b), name
+    other_seed = Trainer(run_config(tmp_path, setup, 'seed1', 'replay', seed=1), quiet=True)
+    train_epochs(other_seed, 1)
+    assert torch.equal(other_seed.data.train.epoch_order, recorder.distiller.teacher.recording.epoch(0)['order'])
+
+
+def test_replay_refuses_missing_epochs_another_augmentation_a_corrupt_shard_and_another_record_seed(tmp_path,
+                                                                                                      setup):
+    train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record'), quiet=True), 2)
+    with pytest.raises(DistillError, match='holds epochs 1-2 but the run asks for 3'):
+        Trainer(run_config(tmp_path, setup, 'more', 'replay', epochs=3), quiet=True)
+    with pytest.raises(DistillError, match=r'no recording of this teacher, data and augmentation under .* \(the '
+                                           r'nearest one differs in auto_augment\)'):
+        Trainer(run_config(tmp_path, setup, 'other', 'replay', auto_augment='rand-m5'), quiet=True)
+    with pytest.raises(DistillError, match='was drawn with trainer.seed=0; record with that seed'):
+        Trainer(run_config(tmp_path, setup, 'reseed', 'record', seed=1), quiet=True)
+    with pytest.raises(DistillError, match='record and replay follow a streamed run'):
+        Trainer(run_config(tmp_path, setup, 'memory', 'replay', in_memory=True, augment='crop_flip',
+                           auto_augment=None), quiet=True)
+    replay = Trainer(run_config(tmp_path, setup, 'replay', 'replay'), quiet=True)
+    shard = os.path.join(replay.distiller.teacher.recording.folder, 'epoch_0001.safetensors')
+    payload = bytearray(open(shard, 'rb').read())
+    payload[-1] ^= 0xFF
+    open(shard, 'wb').write(bytes(payload))
+    replay.train_one_epoch(0)
+    with pytest.raises(DistillError, match=r'epoch_0001.safetensors is corrupt or truncated .* record it again'):
+        replay.train_one_epoch(1)
+
+
+def test_top_k_logits_give_tinyvits_soft_labels():
+    """k < C: softmax of the rebuilt logits is the top-k probabilities, the rest spread evenly (TinyViT); k = C
+    rebuilds the logits themselves."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10) * 3
+    top = logits.topk(4, dim=1)
+    rebuilt = dense_logits(top.values.half(), top.indices.short(), logits.logsumexp(1), 10)
+    probabilities = top.values.half().float().sub(logits.logsumexp(1, keepdim=True)).exp()
+    tinyvit = torch.full((6, 10), 0.0).add((1 - probabilities.sum(1, keepdim=True)) / 6)
+    tinyvit.scatter_(1, top.indices, probabilities)
+    torch.testing.assert_close(rebuilt.softmax(1), tinyvit, rtol=1e-5, atol=1e-7)
+    every = logits.topk(10, dim=1)
+    assert torch.equal(dense_logits(every.values, every.indices, logits.logsumexp(1), 10), logits)
+
+
+def test_a_sparse_float16_recording_replays_the_teachers_top_k(tmp_path, setup):
+    """top_k 2 of 3 classes in float16: the replayed logits of a batch (the recorded stream's pixels) rank the
+    teacher's top 2 classes as the teacher does, with its log-probabilities up to float16 rounding."""
+    train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record', top_k=2, dtype='float16'), quiet=True), 1)
+    replay = Trainer(run_config(tmp_path, setup, 'replay', 'replay', epochs=1), quiet=True)
+    replay.data.train.set_epoch(0)
+    batch = next(iter(replay.data.train))
+    replayed = replay.distiller.teacher(batch)[0]
+    with torch.no_grad():
+        live = replay.distiller.teacher.model(batch.images)
+    top = live.topk(2, dim=1).indices
+    assert torch.equal(replayed.topk(2, dim=1).indices, top)
+    torch.testing.assert_close(replayed.log_softmax(1).gather(1, top), live.log_softmax(1).gather(1, top),
+                               rtol=0, atol=1e-2)
+    assert torch.isfinite(torch.tensor(replay.train_one_epoch(0)['train_loss']))
