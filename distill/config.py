@@ -47,6 +47,10 @@ class DataConfig:
     classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
     in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
     workers: int = 8  # streaming only: decoding processes
+    mixup: float = 0.0  # > 0: mixup with lambda ~ Beta(mixup, mixup) (timm's mixup_alpha; 0.8 in DeiT recipes)
+    cutmix: float = 0.0  # > 0: CutMix with lambda ~ Beta(cutmix, cutmix) (timm's cutmix_alpha; DeiT: 1.0)
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # with both set: probability of CutMix instead of mixup
     auto_augment: Optional[str] = None  # streaming only: timm AutoAugment/RandAugment/AugMix, e.g. rand-m9-mstd0.5-inc1
     eval_crop_pct: float = 0.875  # streaming only: validation resize to image_size / eval_crop_pct, centre crop
     allow_empty_classes: bool = False  # imagefolder: keep class folders without images (a class nothing trains)
@@ -186,7 +190,7 @@ POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'train
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
             'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
             'teacher_cache.top_k')
-NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
+NON_NEGATIVE = ('data.mixup', 'data.cutmix', 'trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
                 'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 
 
@@ -266,6 +270,9 @@ def _validate(cfg: Config) -> None:
             raise DistillError(f"data.{key} needs 3 values (one per RGB channel), got {values}")
     if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
         raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
+    for key in ('mix_prob', 'mix_switch_prob'):
+        if not 0.0 <= getattr(cfg.data, key) <= 1.0:
+            raise DistillError(f"data.{key} must be in [0, 1], got {getattr(cfg.data, key)}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise DistillError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}; timm's default is 0.9998")
     for key in ('frozen_stages', 'unfreeze_every'):

@@ -133,7 +133,8 @@ class Distiller(nn.Module):
         teacher_logits, teacher_features = self.teacher(batch) if run_teacher else (None, {})
         student_logits, student_features = self.student_extractor(batch.images)
         return StepOutputs(
-            student_logits=student_logits, targets=batch.labels, teacher_logits=teacher_logits,
+            student_logits=student_logits, targets=batch.labels, soft_targets=batch.soft_targets,
+            teacher_logits=teacher_logits,
             indices=batch.indices, epoch=epoch, student_features=dict(zip(self.student_extractor.keys,
                                                                           student_features)),
             teacher_features=teacher_features)

@@ -19,6 +19,7 @@ class Batch(NamedTuple):
     views: Optional[torch.Tensor] = None  # each image's augmentation view id (see views.draw_views); 0 without
     strong: Optional[torch.Tensor] = None  # a strongly augmented view, for terms that need one (MLKD)
     loss_scale: float = 1.0  # world * local / global batch size: makes DDP's gradient mean the global batch mean
+    soft_targets: Optional[torch.Tensor] = None  # (N, C) label distributions of a mixed batch (data.mixing)
 
 
 @dataclass(frozen=True)

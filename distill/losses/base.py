@@ -28,6 +28,7 @@ class Need(str, enum.Enum):
     # the teacher's BatchNorm normalises with each batch's statistics while training (its reference code's train
     # mode); its outputs then depend on the batch, so no cache can serve them
     TEACHER_BATCH_STATISTICS = 'teacher batch statistics'
+    CLASS_LABELS = 'class labels'  # reads each sample's one class (targets): mixup/cutmix batches have two
 
 
 @dataclass
@@ -35,6 +36,8 @@ class StepOutputs:
     """Everything a loss term may use in one step. Teacher fields are None when training a student alone."""
     student_logits: torch.Tensor
     targets: torch.Tensor
+    # Mixup/CutMix target distributions (N, C) where the batch was mixed; ``targets`` are then the unmixed labels.
+    soft_targets: Optional[torch.Tensor] = None
     teacher_logits: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
     epoch: int = 0

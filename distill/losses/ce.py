@@ -1,5 +1,7 @@
 """Cross-entropy with the ground-truth labels, optionally label-smoothed (Szegedy et al., "Rethinking the
-Inception Architecture", CVPR 2016). Default weight in the CRD benchmark's KD recipe: 0.1 (1.0 alone)."""
+Inception Architecture", CVPR 2016), or with a mixed batch's label distributions (mixup/cutmix: smoothing then
+applies to them, as timm's ``mixup_target`` does). Default weight in the CRD benchmark's KD recipe: 0.1 (1.0
+alone)."""
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +11,7 @@ from .base import LossTerm, StepOutputs, fp32_loss, register_loss
 @fp32_loss
 def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                        label_smoothing: float = 0.0) -> torch.Tensor:
-    """Batch-mean cross-entropy, in float32."""
+    """Batch-mean cross-entropy, in float32; ``targets`` class indices or (N, C) probabilities."""
     return F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
 
 
@@ -25,4 +27,5 @@ class CrossEntropyLoss(LossTerm):
         self.label_smoothing = label_smoothing
 
     def forward(self, step: StepOutputs) -> torch.Tensor:
-        return cross_entropy_loss(step.student_logits, step.targets, self.label_smoothing)
+        targets = step.soft_targets if step.soft_targets is not None else step.targets
+        return cross_entropy_loss(step.student_logits, targets, self.label_smoothing)

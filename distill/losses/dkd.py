@@ -11,7 +11,7 @@ resnet56/110 teachers, 6 for WRN and VGG pairs), T = 4, warm-up 20 epochs, weigh
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature, standardize_logits
 
 
@@ -40,6 +40,7 @@ class DKDLoss(LossTerm):
     paper = 'Zhao et al., CVPR 2022'
     default_weight = 1.0
     requires_teacher = True
+    needs = frozenset({Need.CLASS_LABELS})
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,
                  logit_standardization: bool = False):

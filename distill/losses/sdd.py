@@ -170,7 +170,7 @@ class SDDLoss(LossTerm):
     paper = 'Wei et al., CVPR 2024'
     default_weight = 1.0
     requires_teacher = True
-    needs = frozenset({Need.TEACHER_FEATURES})
+    needs = frozenset({Need.TEACHER_FEATURES, Need.CLASS_LABELS})
     pairs = 'CNN teacher and student (global average pooling + classifier heads)'
 
     def __init__(self, base: str = 'dkd', scales: Sequence[int] = (1, 2, 4), complementary_weight: float = 2.0,

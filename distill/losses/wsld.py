@@ -19,7 +19,7 @@ training settings): T = 4, WSLD weight 2.25 with CE 1.
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature
 
 
@@ -47,6 +47,7 @@ class WSLDLoss(LossTerm):
     paper = 'Zhou et al., ICLR 2021'
     default_weight = 2.25
     requires_teacher = True
+    needs = frozenset({Need.CLASS_LABELS})
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()

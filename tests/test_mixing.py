@@ -1,0 +1,52 @@
+"""Mixup / CutMix batches (distill/data/mixing.py) against timm's Mixup, and through record and replay."""
+import numpy as np
+import pytest
+import torch
+from timm.data import Mixup
+
+from distill.config import DataConfig
+from distill.data import Batch
+from distill.data.mixing import BatchMixer
+from distill.errors import DistillError
+from distill.trainer import Trainer
+from test_teacher_record import run_config, setup, train_epochs  # noqa: F401 (setup is a fixture)
+
+
+@pytest.mark.parametrize('mixup, cutmix', [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_a_mixed_batch_is_timms_batch_mode_mixup(mixup, cutmix):
+    """Same numpy seed, same batch: the images and label distributions of timm's Mixup(mode='batch'), for mixup,
+    CutMix and the switch between them (half the batches unmixed at mix_prob 0.5)."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    ours = BatchMixer(DataConfig(mixup=mixup, cutmix=cutmix, mix_prob=0.5), num_classes=5)
+    timm_mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=0.5, switch_prob=0.5, mode='batch',
+                       label_smoothing=0.0, num_classes=5)
+    unmixed = 0
+    for seed in range(12):
+        mixed = ours(Batch(images, labels), seed)
+        np.random.seed(seed)
+        expected_images, expected_targets = timm_mixup(images.clone(), labels)
+        assert torch.equal(mixed.images, expected_images) and torch.equal(mixed.soft_targets, expected_targets)
+        unmixed += torch.equal(mixed.images, images)
+    assert 0 < unmixed < 12
+
+
+def test_mixed_batches_record_and_replay_and_refuse_single_class_terms(tmp_path, setup):  # noqa: F811
+    """Teacher and student see the same mixed batch; a replay of a mixup + CutMix recording mixes as the
+    recording run did (its students end bit-equal); DKD (one class per sample) and the views table are refused."""
+    mixing = {'mixup': 0.8, 'cutmix': 1.0}
+    recorder = train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record', **mixing), quiet=True), 2)
+    replay = train_epochs(Trainer(run_config(tmp_path, setup, 'replay', 'replay', **mixing), quiet=True), 2)
+    for (name, a), b in zip(recorder.distiller.student.state_dict().items(),
+                            replay.distiller.student.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(DistillError, match='no recording .* differs in mixing'):
+        Trainer(run_config(tmp_path, setup, 'unmixed', 'replay'), quiet=True)
+    dkd = run_config(tmp_path, setup, 'dkd', 'record', **mixing)
+    dkd.losses = {'ce': 1.0, 'dkd': 1.0}
+    with pytest.raises(DistillError, match='a loss term reads one class per sample'):
+        Trainer(dkd, quiet=True)
+    views = run_config(tmp_path, setup, 'views', 'views', in_memory=True, augment='crop_flip', auto_augment=None,
+                       **mixing)
+    with pytest.raises(DistillError, match='mixup/cutmix images are not among the crop-and-flip views'):
+        Trainer(views, quiet=True)
