@@ -142,12 +142,19 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _grid(args: argparse.Namespace) -> None:
     from .grid import run_grid
-    run_grid(args.grid, parallel=args.parallel, dry_run=args.dry_run)
+    run_grid(args.grid, parallel=args.parallel, dry_run=args.dry_run, executor=args.executor, status=args.status)
 
 
 def _table(args: argparse.Namespace) -> None:
+    from .files import atomic_write_text
     from .table import table
-    print(table(args.runs, args.paper, args.plot))
+    fmt = args.format or {'.csv': 'csv', '.json': 'json'}.get(os.path.splitext(args.output or '')[1], 'markdown')
+    text = table(args.runs, args.paper, args.plot, fmt)
+    if args.output:
+        atomic_write_text(args.output, text.rstrip('\n') + '\n')
+        print(f"{fmt} table of {args.runs} -> {args.output}")
+    else:
+        print(text.rstrip('\n'))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -228,16 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--weight-decay', type=float, default=1e-4)
     probe.add_argument('--max-iter', type=int, default=200)
     probe.set_defaults(func=_probe)
-    grid = sub.add_parser('grid', help='run recipes (or pairs x methods) x seeds; skips finished runs, resumes '
-                                       'interrupted ones')
-    grid.add_argument('grid', help='grid YAML: recipes or table/pairs/methods, seeds, output_dir, overrides')
-    grid.add_argument('--parallel', type=int, default=1, help='runs at once (separate processes)')
+    grid = sub.add_parser('grid', help='run recipes (or pairs x methods) x seeds here or on SLURM; skips finished '
+                                       'and running runs, resumes interrupted ones')
+    grid.add_argument('grid', help='grid YAML: recipes or table/pairs/methods, seeds, output_dir, overrides, slurm')
+    grid.add_argument('--executor', help="local (submitit jobs on this machine, waited for; the default unless the "
+                                         "grid sets executor:) or slurm (sbatch job arrays from the grid's slurm: "
+                                         "section, not waited for)")
+    grid.add_argument('--parallel', type=int, default=1, help='local: runs at once')
     grid.add_argument('--dry-run', action='store_true', help='only list each run and its state')
+    grid.add_argument('--status', action='store_true', help='table of the runs: state, epochs, job id, and the last '
+                                                            'log line of each failure')
     grid.set_defaults(func=_grid)
-    tab = sub.add_parser('table', help='markdown table of finished runs (mean +- std over seeds) vs the paper')
-    tab.add_argument('runs', help='directory holding run directories (searched recursively for summary.json)')
+    tab = sub.add_parser('table', help='table of runs (mean +- std over finished seeds; unfinished runs listed) vs the '
+                                       'paper')
+    tab.add_argument('runs', help='directory holding run directories (searched recursively)')
     tab.add_argument('--paper', help='published numbers, e.g. experiments/cifar100/paper.yaml')
     tab.add_argument('--plot', help='also draw accuracy per method as a PNG at this path')
+    tab.add_argument('--format', help='markdown (default), csv or json (default with --output: from its extension)')
+    tab.add_argument('--output', help='write the table to this file (atomically) instead of printing it')
     tab.set_defaults(func=_table)
     push = sub.add_parser('push', help="upload a finished run's student (its timm model folder) to the Hugging Face Hub")
     push.add_argument('run', help='run directory (holding student/)')

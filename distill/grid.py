@@ -1,5 +1,6 @@
-"""``distill grid``: run recipes x seeds, or a pair table's pairs x methods x seeds, sequentially or as parallel
-processes, skipping finished runs and resuming interrupted ones.
+"""``distill grid``: run recipes x seeds, or a pair table's pairs x methods x seeds, as submitit jobs on this
+machine (``--executor local``, the default: at most ``--parallel`` at once) or on a SLURM cluster (``--executor
+slurm``: sbatch job arrays), skipping finished and running runs and resuming interrupted ones.
 
 A grid file lists recipe files::
 
@@ -17,23 +18,32 @@ or the runs of a pair table (``distill.recipes``)::
     seeds: [0, 1, 2]
 
 Run ``<run_name>-seed<seed>`` gets ``trainer.seed=<seed>``. A run whose ``summary.json`` reports all its
-epochs is skipped; one with ``checkpoints/last.pt`` resumes; others start. ``distill table <output_dir>`` then
-summarises the grid.
+epochs is skipped, and so is one whose job is queued or running; one with ``checkpoints/last.pt`` resumes; others
+start (``distill.launch`` keeps each run's job record). ``distill grid GRID --status`` tabulates the runs' states,
+``distill table <output_dir>`` their results. Executor options (``distill.launch``)::
+
+    slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 720, cpus_per_task: 8, mem_gb: 32, slurm_account: abc}
+    local: {tasks_per_node: 2}                    # optional: e.g. two ranks per run (torch.distributed, gloo on CPU)
+
+On SLURM, a teacher the runs train first (``teacher.recipe`` without weights) is a job of its own, and the runs
+that need it wait for it (``--dependency=afterok``) instead of holding GPUs while it trains.
 """
+import collections
 import glob
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from .config import Config, config_of
+from .config import Config, config_of, load_config
 from .errors import DistillError, nearest
 from .files import load_yaml_mapping
+from .launch import ExecutorSpec, TrainJob, executor_spec, run_local, submit_slurm
 from .recipes import PairTable, recipe_data
-from .run_dir import RunDir
+from .run_dir import FINISHED, INTERRUPTED, NEW, RunDir
+from .run_state import FAILED, RUNNING, RunStatus, statuses
 
-GRID_KEYS = ('recipes', 'exclude', 'table', 'pairs', 'methods', 'seeds', 'output_dir', 'overrides')
+GRID_KEYS = ('recipes', 'exclude', 'table', 'pairs', 'methods', 'seeds', 'output_dir', 'overrides', 'executor',
+             'local', 'slurm')
 
 
 class Run(NamedTuple):
@@ -85,8 +95,7 @@ def _recipes(grid_path: str, grid: Dict[str, Any]) -> List[Tuple[str, Optional[s
     return recipes
 
 
-def plan(grid_path: str) -> List[Run]:
-    """Every run of the grid, in order; every run's config is checked before the first one starts."""
+def read_grid(grid_path: str) -> Dict[str, Any]:
     if not os.path.isfile(grid_path):
         raise DistillError(f"grid file not found: {grid_path}")
     grid: Dict[str, Any] = load_yaml_mapping(grid_path, 'grid file')
@@ -94,7 +103,13 @@ def plan(grid_path: str) -> List[Run]:
     if unknown:
         raise DistillError(f"{grid_path}: unknown key {unknown[0]!r}{nearest(unknown[0], GRID_KEYS)}; a grid has "
                            f"{', '.join(GRID_KEYS)}")
-    output_dir = grid.get('output_dir', 'runs/grid')
+    return grid
+
+
+def plan(grid_path: str, grid: Optional[Dict[str, Any]] = None) -> List[Run]:
+    """Every run of the grid, in order; every run's config is checked before the first one starts."""
+    grid = read_grid(grid_path) if grid is None else grid
+    output_dir = _output_dir(grid)
     runs = []
     for recipe, pair, method, data, default_name in _recipes(grid_path, grid):
         for seed in grid.get('seeds') or [0]:
@@ -105,31 +120,122 @@ def plan(grid_path: str) -> List[Run]:
     return runs
 
 
-def run_grid(grid_path: str, parallel: int = 1, dry_run: bool = False) -> Dict[str, int]:
-    runs = plan(grid_path)
-    todo = []
-    counts = {'finished': 0, 'interrupted': 0, 'new': 0}
+def teacher_runs(runs: List[Run]) -> Dict[str, Run]:
+    """The teachers the runs train first (``teacher.recipe`` without weights: ``distill.pipeline`` trains that recipe
+    as it is), by recipe, each a run of its own."""
+    teachers: Dict[str, Run] = {}
     for run in runs:
-        status = run.run_dir.state(run.config.trainer.epochs)
-        counts[status] += 1
-        print(f"{status:11s} {run.run_dir.path}")
-        if status != 'finished':
-            todo.append((run, status == 'interrupted'))
+        teacher = run.config.teacher
+        if teacher and teacher.recipe and not (teacher.checkpoint or teacher.pretrained) and \
+                teacher.recipe not in teachers:
+            teachers[teacher.recipe] = Run(teacher.recipe, None, None, [], load_config(teacher.recipe))
+    return teachers
+
+
+def _statuses(runs: List[Run]) -> List[RunStatus]:
+    return statuses([(run.run_dir, run.config.trainer.epochs) for run in runs])
+
+
+def run_grid(grid_path: str, parallel: int = 1, dry_run: bool = False, executor: Optional[str] = None,
+             status: bool = False) -> Dict[str, int]:
+    """List every run with its state, then run (local) or submit (slurm) those neither finished nor running;
+    ``status``: print the table of states instead. Every input is checked before anything is submitted."""
+    grid = read_grid(grid_path)
+    spec = executor_spec(grid_path, grid, executor)
+    runs = plan(grid_path, grid)
+    teachers = teacher_runs(runs) if spec.name == 'slurm' or status else {}
+    listed = list(teachers.values()) + runs
+    current = _statuses(listed)
+    counts = dict(collections.Counter(s.state for s in current))
+    if status:
+        print(status_table(listed, current, len(teachers)))
+        return counts
+    for run, state in zip(listed, current):
+        print(f"{state.state:11s} {run.run_dir.path}")
+    todo = [run for run, state in zip(runs, current[len(teachers):]) if state.state not in (FINISHED, RUNNING)]
     if dry_run or not todo:
         return counts
-
-    def launch(job) -> int:
-        run, resume = job
-        return subprocess.run(run.command() + ['--resume'] * resume, env=env).returncode
-
-    env = dict(os.environ)
-    if parallel > 1 and 'OMP_NUM_THREADS' not in env:  # parallel runs share the cores instead of oversubscribing
-        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        codes = list(pool.map(launch, todo))
-    failed = [job[0].run_dir.path for job, code in zip(todo, codes) if code != 0]
-    if failed:
-        raise DistillError(f"{len(failed)} of {len(todo)} runs failed (see their log.txt): {failed[:3]}; run the "
-                           f"grid again to resume them")
+    folder = os.path.join(os.path.abspath(os.path.expanduser(_output_dir(grid))), '.submitit', '%j')  # jobs' logs
+    if spec.name == 'slurm':
+        _submit(todo, dict(zip(teachers, zip(teachers.values(), current))), spec, folder, grid_path)
+    else:
+        _run_here(todo, spec, folder, parallel, grid_path)
     return counts
+
+
+def _output_dir(grid: Dict[str, Any]) -> str:
+    return grid.get('output_dir', 'runs/grid')
+
+
+def _run_here(todo: List[Run], spec: ExecutorSpec, folder: str, parallel: int, grid_path: str) -> None:
+    """Run ``todo`` on this machine, ``parallel`` at once; one line naming the runs that did not finish."""
+    # submitit's local controller shows a job the GPUs its gpus_per_node asks for, none by default: without that
+    # option a run sees this machine's GPUs, as distill train does
+    env = {} if 'gpus_per_node' in spec.options else {'CUDA_VISIBLE_DEVICES': os.environ.get('CUDA_VISIBLE_DEVICES')}
+    if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ:  # parallel runs share the cores, not oversubscribe
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
+    run_local([TrainJob(run.command(), run.run_dir, env) for run in todo], spec, folder, max(1, parallel))
+    failed = [(os.path.basename(run.run_dir.path), state) for run, state in zip(todo, _statuses(todo))
+              if state.state != FINISHED]
+    if failed:
+        names = ', '.join(name for name, _ in failed[:3]) + (', ...' if len(failed) > 3 else '')
+        raise DistillError(f"{len(failed)} of {len(todo)} runs did not finish ({names}; {failed[0][0]}: "
+                           f"{failed[0][1].note or failed[0][1].state}); `distill grid {grid_path} --status` lists "
+                           f"them, and running the grid again resumes them")
+
+
+def _submit(todo: List[Run], teachers: Dict[str, Tuple[Run, RunStatus]], spec: ExecutorSpec, folder: str,
+            grid_path: str) -> None:
+    """Submit the teachers ``todo`` needs that are neither finished nor running (a job each), then ``todo`` as job
+    arrays: one per teacher, after that teacher's job (``afterok``), and one for the runs that wait for none."""
+    name = f"distill-{os.path.splitext(os.path.basename(grid_path))[0]}"
+    waits_for: Dict[Optional[str], List[Run]] = {}
+    for run in todo:
+        recipe = run.config.teacher.recipe if run.config.teacher else None
+        waits_for.setdefault(recipe if recipe in teachers else None, []).append(run)
+    lines = []
+    for recipe in [r for r in waits_for if r is not None]:
+        teacher, state = teachers[recipe]
+        if state.state == FINISHED:
+            waits_for.setdefault(None, []).extend(waits_for.pop(recipe))
+            continue
+        if state.state == RUNNING and state.executor != 'slurm':
+            raise DistillError(f"teacher {teacher.run_dir.path} is training in {state.job}, not on SLURM: submit "
+                               f"after it has finished")
+        if state.state == RUNNING:
+            job_id = state.job_id
+        else:
+            job_id = submit_slurm([TrainJob(teacher.command(), teacher.run_dir)], spec, folder,
+                                  os.path.basename(teacher.run_dir.path))[0]
+            lines.append(f"teacher {teacher.run_dir.path}: job {job_id}")
+        ids = submit_slurm([TrainJob(run.command(), run.run_dir) for run in waits_for[recipe]], spec, folder, name,
+                           f'afterok:{job_id}')
+        lines.append(f"{_span(ids)} after it")
+    if waits_for.get(None):
+        lines.append(_span(submit_slurm([TrainJob(run.command(), run.run_dir) for run in waits_for[None]], spec,
+                                        folder, name)))
+    print(f"submitted to SLURM ({'; '.join(lines)}); logs under {os.path.dirname(folder)}; "
+          f"`distill grid {grid_path} --status` follows them")
+
+
+def _span(job_ids: List[str]) -> str:
+    """'1 run: job 4242' or '12 runs: job array 4243 (12 tasks)'."""
+    if len(job_ids) == 1:
+        return f"1 run: job {job_ids[0]}"
+    arrays = list(dict.fromkeys(job_id.split('_')[0] for job_id in job_ids))
+    return f"{len(job_ids)} runs: job array{'s' * (len(arrays) > 1)} {', '.join(arrays)} ({len(job_ids)} tasks)"
+
+
+def status_table(runs: List[Run], current: List[RunStatus], teachers: int = 0) -> str:
+    """One aligned line per run (the first ``teachers`` are teachers): name, state, epochs done, job, and for a
+    failure the last line its job wrote."""
+    rows = [('run', 'state', 'epochs', 'job', 'last log line')]
+    for index, (run, state) in enumerate(zip(runs, current)):
+        name = os.path.basename(run.run_dir.path) + (' (teacher)' if index < teachers else '')
+        rows.append((name, state.state, f"{state.epochs}/{run.config.trainer.epochs}", state.job, state.note))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)) + '  ' + row[4] for row in rows]
+    counts = collections.Counter(state.state for state in current)
+    order = (FINISHED, RUNNING, FAILED, INTERRUPTED, NEW)
+    lines.append(f"{len(runs)} runs: " + ', '.join(f"{counts[s]} {s}" for s in order if counts[s]))
+    return '\n'.join(line.rstrip() for line in lines)

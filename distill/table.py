@@ -1,27 +1,31 @@
-"""``distill table``: a markdown table of finished runs (their ``summary.json``) against published numbers.
+"""``distill table``: runs against published numbers, as a markdown table (default), CSV or JSON.
 
-Runs are grouped by teacher -> student pair and method (the loss terms other than ``ce``, joined with ``+``;
-``student`` for a student trained alone, listed under every pair with that student; transfer settings of the
-run's ``resolved.yaml``, if any, in brackets). Each row gives the number of
-seeds, best-epoch and last-epoch top-1 as mean +- std, the difference to KD on the same pair (last epoch), the
-paper's number with its source, and our mean minus the paper's on the metric that source reports (CRD reports
-the last epoch, DKD the best). ``plot_table`` draws the same numbers as a bar chart per pair.
+Runs (directories holding ``summary.json`` or ``resolved.yaml``) are grouped by teacher -> student pair and method
+(the loss terms other than ``ce``, joined with ``+``; ``student`` for a student trained alone, listed under every
+pair with that student; transfer settings of the run's ``resolved.yaml``, if any, in brackets). Each cell gives the
+number of finished seeds, best-epoch and last-epoch top-1 as mean +- std over them, the difference to KD on the same
+pair (last epoch), the paper's number with its source and the metric that source reports (CRD reports the last
+epoch, DKD the best), and our mean minus the paper's on that metric. A run that has not finished (no summary, or
+fewer epochs than its config trains) is listed as such with its epochs, never averaged in. ``plot_table`` draws the
+finished runs as a bar chart per pair.
 """
+import csv
 import glob
+import io
 import json
 import os
 import statistics
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
+from .errors import DistillError, nearest
 from .files import load_yaml_mapping
-from .errors import DistillError
+from .run_dir import RunDir
+from .run_state import epochs_done
 
 
-def method_name(summary: Dict[str, Any], resolved: Optional[Dict[str, Any]] = None) -> str:
-    """``kd``, ``crd+kd``, ``student``...; with the run's transfer settings in brackets when it used any."""
-    losses = summary.get('losses', {})
+def method_name(losses: Dict[str, Any], resolved: Optional[Dict[str, Any]] = None) -> str:
+    """``kd``, ``crd+kd``, ``student``... of a run's ``losses``; with its transfer settings in brackets when it used
+    any."""
     # a term switched into a variant by a boolean option is its own method (KD vs KD with logit standardization)
     terms = [name + ''.join(f"[{option}]" for option, value in sorted(spec.items()) if value is True)
              if isinstance(spec, dict) else name for name, spec in losses.items() if name != 'ce']
@@ -40,23 +44,41 @@ def method_name(summary: Dict[str, Any], resolved: Optional[Dict[str, Any]] = No
 
 
 def collect(runs_dir: str) -> List[Dict[str, Any]]:
+    """One row per run directory under ``runs_dir`` (one holding ``summary.json`` or ``resolved.yaml``); ``finished``
+    when its summary reports the epochs its config trains, and only then ``best`` and ``last``."""
     if not os.path.isdir(runs_dir):
         raise DistillError(f"runs directory not found: {runs_dir}")
-    rows = []
-    for path in sorted(glob.glob(os.path.join(runs_dir, '**', 'summary.json'), recursive=True)):
-        try:
-            summary = json.load(open(path))
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"cannot read {path} ({exc}); delete or re-run that run") from None
-        resolved_path = os.path.join(os.path.dirname(path), 'resolved.yaml')
-        resolved = yaml.safe_load(open(resolved_path)) if os.path.isfile(resolved_path) else None
-        rows.append(dict(teacher=summary.get('teacher'), student=summary['student'],
-                         method=method_name(summary, resolved),
-                         seed=summary.get('seed'), best=summary['best_top1'], last=summary['last_top1'],
-                         run=os.path.dirname(path)))
+    folders = sorted({os.path.dirname(path) for name in ('summary.json', 'resolved.yaml')
+                      for path in glob.glob(os.path.join(runs_dir, '**', name), recursive=True)})
+    rows = [_run_row(folder) for folder in folders]
     if not rows:
-        raise DistillError(f"no finished runs (summary.json) under {runs_dir}")
+        raise DistillError(f"no finished runs (summary.json) nor started ones (resolved.yaml) under {runs_dir}")
     return rows
+
+
+def _run_row(folder: str) -> Dict[str, Any]:
+    summary_path, resolved_path = os.path.join(folder, 'summary.json'), os.path.join(folder, 'resolved.yaml')
+    summary = None
+    if os.path.isfile(summary_path):
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise DistillError(f"cannot read {summary_path} ({exc}); delete or re-run that run") from None
+    resolved = load_yaml_mapping(resolved_path, 'resolved config') if os.path.isfile(resolved_path) else None
+    trainer = (resolved or {}).get('trainer') or {}
+    if summary is not None:
+        teacher, student, losses, seed = summary.get('teacher'), summary['student'], summary.get('losses', {}), \
+            summary.get('seed')
+    else:  # started, not finished: what it trains is in its resolved config
+        teacher, student = (resolved.get('teacher') or {}).get('name'), resolved['student']['name']
+        losses, seed = resolved.get('losses', {}), trainer.get('seed')
+    epochs = trainer.get('epochs') or summary['epochs']
+    finished = summary is not None and summary['epochs'] >= epochs
+    done = summary['epochs'] if finished else epochs_done(RunDir(*os.path.split(folder)))
+    return dict(teacher=teacher, student=student, method=method_name(losses, resolved), seed=seed,
+                finished=finished, best=summary['best_top1'] if finished else None,
+                last=summary['last_top1'] if finished else None, epochs_done=done, epochs=epochs, run=folder)
 
 
 def load_paper(path: Optional[str]) -> Dict[str, Any]:
@@ -92,30 +114,76 @@ def grouped(rows: List[Dict[str, Any]]) -> List[Tuple[Optional[str], str, Dict[s
     return out
 
 
-def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
-    lines = ['| teacher -> student | method | seeds | best top-1 | last top-1 | vs kd (last) | paper | ours - paper |',
-             '|---|---|---|---|---|---|---|---|']
+COLUMNS = ('teacher', 'student', 'method', 'seeds', 'best_mean', 'best_std', 'last_mean', 'last_std',
+           'vs_kd_last', 'paper_top1', 'paper_source', 'paper_metric', 'ours_minus_paper', 'unfinished')
+
+
+def cells(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One cell per (pair, method): ``COLUMNS`` over its finished runs, ``runs`` (each finished seed) and
+    ``unfinished_runs`` (each run that has not finished, never averaged in)."""
+    out = []
     for teacher, student, group in grouped(rows):
-        pair_key = f"{teacher}->{student}" if teacher else student
-        published = (paper.get('pairs') or {}).get(pair_key, {})
-        kd_last = _stats([r['last'] for r in group['kd']])[0] if 'kd' in group else None
+        published = (paper.get('pairs') or {}).get(f"{teacher}->{student}" if teacher else student, {})
+        kd = [r['last'] for r in group.get('kd', []) if r['finished']]
         for method, runs in group.items():
-            best, last = _stats([r['best'] for r in runs]), _stats([r['last'] for r in runs])
-            versus_kd = f"{last[0] - kd_last:+.2f}" if kd_last is not None and method != 'kd' else '-'
+            done = [r for r in runs if r['finished']]
+            cell: Dict[str, Any] = dict.fromkeys(COLUMNS)
+            cell.update(teacher=teacher, student=student, method=method, seeds=len(done),
+                        unfinished=len(runs) - len(done),
+                        runs=[{k: r[k] for k in ('seed', 'best', 'last', 'run')} for r in done],
+                        unfinished_runs=[{k: r[k] for k in ('seed', 'epochs_done', 'epochs', 'run')}
+                                         for r in runs if not r['finished']])
+            if done:
+                (cell['best_mean'], cell['best_std']), (cell['last_mean'], cell['last_std']) = \
+                    _stats([r['best'] for r in done]), _stats([r['last'] for r in done])
+                if kd and method != 'kd':
+                    cell['vs_kd_last'] = cell['last_mean'] - statistics.mean(kd)
             entry = published.get(method)
-            paper_text, delta_text = '-', '-'
             if entry:
-                source = paper['sources'][entry['source']]
-                ours = best[0] if source.get('metric') == 'best' else last[0]
-                paper_text = f"{entry['top1']:.2f} ({entry['source']}, {source.get('metric', 'last')})"
-                delta_text = f"{ours - entry['top1']:+.2f}"
-            lines.append(f"| {teacher or '-'} -> {student} | {method} | {len(runs)} | {best[0]:.2f} +- {best[1]:.2f} "
-                         f"| {last[0]:.2f} +- {last[1]:.2f} | {versus_kd} | {paper_text} | {delta_text} |")
+                metric = paper['sources'][entry['source']].get('metric', 'last')
+                cell.update(paper_top1=entry['top1'], paper_source=entry['source'], paper_metric=metric)
+                if done:
+                    cell['ours_minus_paper'] = cell[f'{metric}_mean'] - entry['top1']
+            out.append(cell)
+    return out
+
+
+def _number(value: Optional[float], form: str) -> str:
+    return '-' if value is None else format(value, form)
+
+
+def build_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+    lines = ['| teacher -> student | method | seeds | best top-1 | last top-1 | vs kd (last) | paper | ours - paper '
+             '| not finished |', '|---|---|---|---|---|---|---|---|---|']
+    for cell in cells(rows, paper):
+        best, last = (f"{cell[f'{m}_mean']:.2f} +- {cell[f'{m}_std']:.2f}" if cell['seeds'] else '-'
+                      for m in ('best', 'last'))
+        paper_text = f"{cell['paper_top1']:.2f} ({cell['paper_source']}, {cell['paper_metric']})" \
+            if cell['paper_top1'] is not None else '-'
+        unfinished = ', '.join(f"seed {r['seed']} ({r['epochs_done']}/{r['epochs']} epochs)"
+                               for r in cell['unfinished_runs']) or '-'
+        lines.append(f"| {cell['teacher'] or '-'} -> {cell['student']} | {cell['method']} | {cell['seeds']} | {best} "
+                     f"| {last} | {_number(cell['vs_kd_last'], '+.2f')} | {paper_text} | "
+                     f"{_number(cell['ours_minus_paper'], '+.2f')} | {unfinished} |")
     sources = paper.get('sources') or {}
     if sources:
         lines.append('')
         lines += [f"{key}: {value['citation']}" for key, value in sources.items()]
     return '\n'.join(lines)
+
+
+def csv_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+    """``COLUMNS``, one line per cell (empty where there is no number)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(cells(rows, paper))
+    return buffer.getvalue()
+
+
+def json_table(rows: List[Dict[str, Any]], paper: Dict[str, Any]) -> str:
+    """The cells with every run behind them, and the papers cited."""
+    return json.dumps({'cells': cells(rows, paper), 'sources': paper.get('sources') or {}}, indent=2)
 
 
 def plot_table(rows: List[Dict[str, Any]], path: str) -> None:
@@ -148,9 +216,18 @@ def plot_table(rows: List[Dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def table(runs_dir: str, paper_path: Optional[str] = None, plot_path: Optional[str] = None) -> str:
+FORMATS = {'markdown': build_table, 'csv': csv_table, 'json': json_table}
+
+
+def table(runs_dir: str, paper_path: Optional[str] = None, plot_path: Optional[str] = None,
+          fmt: str = 'markdown') -> str:
+    if fmt not in FORMATS:
+        raise DistillError(f"unknown table format {fmt!r}{nearest(fmt, FORMATS)}: choose {', '.join(FORMATS)}")
     paper = load_paper(paper_path)  # a broken file is reported before anything else
     rows = collect(runs_dir)
     if plot_path:
-        plot_table(rows, plot_path)
-    return build_table(rows, paper)
+        finished = [row for row in rows if row['finished']]
+        if not finished:
+            raise DistillError(f"nothing to plot: no run under {runs_dir} has finished")
+        plot_table(finished, plot_path)
+    return FORMATS[fmt](rows, paper)

@@ -67,3 +67,53 @@ def test_transfer_runs_are_labelled_by_their_settings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '| - -> cifar_resnet20 | student (pretrained, partial 2, backbone lr x0.1) | 1 | 68.00' in out
     assert '| - -> cifar_resnet20 | student | 1 | 63.00' in out
+
+
+def write_unfinished(root, name, teacher, student, losses, seed, epochs_done, summary_epochs=None):
+    """A run that started (resolved.yaml, metrics.jsonl) and has not finished its 240 epochs; with
+    ``summary_epochs``, one whose summary reports fewer epochs (a run asked later for more)."""
+    import yaml
+    os.makedirs(root / name)
+    (root / name / 'resolved.yaml').write_text(yaml.safe_dump({
+        'student': {'name': student}, 'teacher': {'name': teacher}, 'losses': losses,
+        'trainer': {'seed': seed, 'epochs': 240}}))
+    (root / name / 'metrics.jsonl').write_text(''.join(json.dumps({'epoch': e + 1}) + '\n' for e in range(epochs_done)))
+    if summary_epochs:
+        (root / name / 'summary.json').write_text(json.dumps(dict(
+            teacher=teacher, student=student, losses=losses, seed=seed, best_top1=99.0, last_top1=99.0,
+            epochs=summary_epochs)))
+
+
+def test_unfinished_runs_are_listed_never_averaged_and_the_table_comes_as_csv_and_json(tmp_path, capsys):
+    import csv
+    pair, kd = ('cifar_resnet32x4', 'cifar_resnet8x4'), {'ce': 0.1, 'kd': 0.9}
+    for seed, (best, last) in enumerate([(74.0, 73.0), (75.0, 74.0), (76.0, 75.0)]):
+        write_run(tmp_path, f'kd{seed}', *pair, kd, seed, best, last)
+    write_unfinished(tmp_path, 'kd3', *pair, kd, 3, epochs_done=120)
+    write_unfinished(tmp_path, 'kd4', *pair, kd, 4, epochs_done=100, summary_epochs=100)
+    write_unfinished(tmp_path, 'dkd0', *pair, {'ce': 1.0, 'dkd': 1.0}, 0, epochs_done=7)
+    paper = os.path.join(REPO, 'experiments', 'cifar100', 'paper.yaml')
+    assert main(['table', str(tmp_path), '--paper', paper]) == 0
+    out = capsys.readouterr().out
+    # the same numbers as the three finished seeds alone, and the two others named with their epochs
+    assert ('| cifar_resnet32x4 -> cifar_resnet8x4 | kd | 3 | 75.00 +- 1.00 | 74.00 +- 1.00 | - | 73.33 (crd, last) '
+            '| +0.67 | seed 3 (120/240 epochs), seed 4 (100/240 epochs) |') in out
+    assert '| dkd | 0 | - | - | - | 76.32 (dkd, best) | - | seed 0 (7/240 epochs) |' in out
+    assert main(['table', str(tmp_path), '--paper', paper, '--output', str(tmp_path / 'table.csv')]) == 0
+    assert capsys.readouterr().out.strip() == f"csv table of {tmp_path} -> {tmp_path / 'table.csv'}"
+    cells = {row['method']: row for row in csv.DictReader(open(tmp_path / 'table.csv'))}
+    assert {k: cells['kd'][k] for k in ('seeds', 'unfinished', 'best_mean', 'best_std', 'last_mean', 'last_std',
+                                        'paper_top1', 'paper_source', 'paper_metric')} == {
+        'seeds': '3', 'unfinished': '2', 'best_mean': '75.0', 'best_std': '1.0', 'last_mean': '74.0',
+        'last_std': '1.0', 'paper_top1': '73.33', 'paper_source': 'crd', 'paper_metric': 'last'}
+    assert abs(float(cells['kd']['ours_minus_paper']) - 0.67) < 1e-9
+    assert (cells['dkd']['seeds'], cells['dkd']['last_mean'], cells['dkd']['paper_metric']) == ('0', '', 'best')
+    assert main(['table', str(tmp_path), '--paper', paper, '--format', 'json']) == 0
+    table = json.loads(capsys.readouterr().out)
+    kd_cell = next(cell for cell in table['cells'] if cell['method'] == 'kd')
+    assert [run['last'] for run in kd_cell['runs']] == [73.0, 74.0, 75.0] and kd_cell['best_std'] == 1.0
+    assert [(run['seed'], run['epochs_done'], run['epochs']) for run in kd_cell['unfinished_runs']] == [
+        (3, 120, 240), (4, 100, 240)]
+    assert table['sources']['dkd']['metric'] == 'best'
+    assert main(['table', str(tmp_path), '--format', 'xlsx']) == 2
+    assert "unknown table format 'xlsx': choose markdown, csv, json" in capsys.readouterr().err
