@@ -36,8 +36,6 @@ class StepOutputs:
     """Everything a loss term may use in one step. Teacher fields are None when training a student alone."""
     student_logits: torch.Tensor
     targets: torch.Tensor
-    # Mixup/CutMix target distributions (N, C) where the batch was mixed; ``targets`` are then the unmixed labels.
-    soft_targets: Optional[torch.Tensor] = None
     teacher_logits: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
     epoch: int = 0
@@ -47,6 +45,8 @@ class StepOutputs:
     # Logits on the batch's strongly augmented view, when a term needs one (Need.STRONG_VIEW).
     student_logits_strong: Optional[torch.Tensor] = None
     teacher_logits_strong: Optional[torch.Tensor] = None
+    # Mixup/CutMix target distributions (N, C) where the batch was mixed; ``targets`` are then the unmixed labels.
+    soft_targets: Optional[torch.Tensor] = None
 
 
 @dataclass

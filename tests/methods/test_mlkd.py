@@ -85,7 +85,8 @@ def test_strong_view_batches_are_reproducible_and_mlkd_trains_and_resumes_exactl
     assert next(iter(build_data(cfg.data, seed=3).train)).strong is None
     first, second = build_data(cfg.data, seed=3), build_data(cfg.data, seed=3)
     first.train.strong_view = second.train.strong_view = True
-    (weak, *_, strong, _), again = next(iter(first.train)), next(iter(second.train))
+    batch, again = next(iter(first.train)), next(iter(second.train))
+    weak, strong = batch.images, batch.strong
     assert torch.equal(strong, again.strong) and torch.equal(weak, again.images)
     assert strong.shape == weak.shape and not torch.equal(strong, weak)
 
