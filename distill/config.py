@@ -273,6 +273,9 @@ def _validate(cfg: Config) -> None:
     for key in ('mix_prob', 'mix_switch_prob'):
         if not 0.0 <= getattr(cfg.data, key) <= 1.0:
             raise DistillError(f"data.{key} must be in [0, 1], got {getattr(cfg.data, key)}")
+    if cfg.teacher_cache.mode != 'views' and not cfg.teacher_cache.enabled:
+        raise DistillError(f"teacher_cache.mode={cfg.teacher_cache.mode} needs teacher_cache.enabled=true (else the "
+                           f"teacher runs live); set it, or drop the mode")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise DistillError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}; timm's default is 0.9998")
     for key in ('frozen_stages', 'unfreeze_every'):

@@ -78,7 +78,9 @@ def test_the_ema_is_evaluated_checkpointed_exported_and_resumes_exactly(tmp_path
 @pytest.mark.parametrize('override, message', [
     ({'ema': {'decay': 1.0}}, r'ema.decay must be in \[0, 1\), got 1.0'),
     ({'trainer': {'accumulate_steps': 0}}, 'trainer.accumulate_steps must be > 0, got 0'),
+    ({'teacher_cache': {'mode': 'replay'}}, 'teacher_cache.mode=replay needs teacher_cache.enabled=true'),
+    ({'data': {'mix_prob': 1.5}}, r'data.mix_prob must be in \[0, 1\], got 1.5'),
 ])
-def test_bad_ema_and_accumulation_settings_are_one_line(tmp_path, override, message):
+def test_bad_settings_are_one_line(tmp_path, override, message):
     with pytest.raises(DistillError, match=message):
         from_dict(digits_config(tmp_path, **override))
