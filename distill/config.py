@@ -47,6 +47,9 @@ class DataConfig:
     classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
     in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
     workers: int = 8  # streaming only: decoding processes
+    reprob: float = 0.0  # > 0: timm RandomErasing of each training image with this probability (DeiT: 0.25)
+    remode: str = 'pixel'  # erased pixels: pixel (normal noise per pixel) | rand (one colour) | const (zeros)
+    recount: int = 1  # at most this many erased boxes per image
     mixup: float = 0.0  # > 0: mixup with lambda ~ Beta(mixup, mixup) (timm's mixup_alpha; 0.8 in DeiT recipes)
     cutmix: float = 0.0  # > 0: CutMix with lambda ~ Beta(cutmix, cutmix) (timm's cutmix_alpha; DeiT: 1.0)
     mix_prob: float = 1.0  # probability that a batch is mixed at all
@@ -184,12 +187,13 @@ CHOICES = {
     'wandb.mode': ('online', 'offline', 'disabled'),
     'teacher_cache.dtype': ('float16', 'float32'),
     'teacher_cache.mode': ('views', 'record', 'replay'),
+    'data.remode': ('pixel', 'rand', 'const'),
 }
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
             'trainer.check_finite_every', 'optimizer.lr', 'data.train_per_class', 'data.val_per_class',
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
             'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
-            'teacher_cache.top_k')
+            'teacher_cache.top_k', 'data.recount')
 NON_NEGATIVE = ('data.mixup', 'data.cutmix', 'trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
                 'scheduler.warmup_epochs', 'scheduler.warmup_lr')
 
@@ -270,7 +274,7 @@ def _validate(cfg: Config) -> None:
             raise DistillError(f"data.{key} needs 3 values (one per RGB channel), got {values}")
     if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
         raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
-    for key in ('mix_prob', 'mix_switch_prob'):
+    for key in ('mix_prob', 'mix_switch_prob', 'reprob'):
         if not 0.0 <= getattr(cfg.data, key) <= 1.0:
             raise DistillError(f"data.{key} must be in [0, 1], got {getattr(cfg.data, key)}")
     if cfg.teacher_cache.mode != 'views' and not cfg.teacher_cache.enabled:

@@ -166,7 +166,8 @@ def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loa
     settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'auto_augment': cfg.data.auto_augment,
                 'image_size': cfg.data.image_size, 'crop_padding': cfg.data.crop_padding,
                 'teacher_input': adapter.describe() if adapter is not None else None, 'batch_size': cfg.data.batch_size,
-                'mixing': [cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.mix_switch_prob]}
+                'mixing': [cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.mix_switch_prob],
+                'erasing': [cfg.data.reprob, cfg.data.remode, cfg.data.recount]}
     key = record_key(model, loader, settings)
     root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
     if cfg.teacher_cache.mode == 'replay':
@@ -222,8 +223,8 @@ def build_teacher(model: nn.Module, cfg, loader, num_classes: int, device: torch
         return LiveTeacher(model, adapter)
     recorded = cfg.teacher_cache.mode != 'views'
     blocker = cache_blocker(cfg.losses, None if recorded else loader.num_views, cfg.data.augment)
-    if not recorded and (cfg.data.mixup or cfg.data.cutmix):
-        blocker = "mixup/cutmix images are not among the crop-and-flip views (record and replay serve them)"
+    if not recorded and (cfg.data.mixup or cfg.data.cutmix or cfg.data.reprob):
+        blocker = "erased or mixed images are not among the crop-and-flip views (record and replay serve them)"
     if recorded and loader.num_views:
         blocker = "record and replay follow a streamed run; the in-memory pipeline's views table is exact (mode views)"
     if blocker:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import rng_state, seed_everything, set_rng_state
 from .config import Config, save_config, to_dict
 from .data import Placement, build_data
-from .data.mixing import batch_seed, create_mixer
+from .data.mixing import batch_seed, create_batch_augment
 from .distiller import Distiller, TrainableParts
 from .errors import DistillError
 from .evaluation import evaluate
@@ -80,7 +80,8 @@ class Trainer:
             self.freezer.apply(0)
         self.trainable = self.distiller.trainable_modules()
         self.ema = create_ema(student, cfg.ema)
-        self.mixer = create_mixer(cfg.data, Need.CLASS_LABELS in needs, self.data.num_classes)
+        self.batch_augment = create_batch_augment(cfg.data, Need.CLASS_LABELS in needs, self.data.num_classes,
+                                                  self.device)
         single_process = [name for name, term in self.distiller.loss_terms.items()
                           if Need.PER_SAMPLE_STATE in term.needs]
         self.forward = CompiledForward(runtime.wrap(self.distiller, TrainableParts(self.distiller), single_process),
@@ -197,8 +198,8 @@ class Trainer:
         bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         for step, batch in enumerate(bar):
-            if self.mixer is not None:
-                batch = self.mixer(batch, batch_seed(self.data.train, self.cfg.trainer.seed, epoch, step))
+            if self.batch_augment is not None:  # erasing, mixup, cutmix
+                batch = self.batch_augment(batch, batch_seed(self.data.train, self.cfg.trainer.seed, epoch, step))
             closes_group = (step + 1) % accumulate == 0 or step + 1 == steps
             out = self.stepper.update(self.forward, batch, epoch, closes_group)
             stop_if_nonfinite(guard.observe(out, step), epoch, self.run_dir.last)

@@ -1,4 +1,5 @@
-"""Mixup / CutMix batches (distill/data/mixing.py) against timm's Mixup, and through record and replay."""
+"""Random erasing and mixup / CutMix batches (distill/data/mixing.py) against timm's, and through record and
+replay."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,8 @@ from timm.data import Mixup
 
 from distill.config import DataConfig
 from distill.data import Batch
-from distill.data.mixing import BatchMixer
+from distill.data.mixing import BatchEraser, BatchMixer
+from distill.data.streaming import seeded
 from distill.errors import DistillError
 from distill.trainer import Trainer
 from test_teacher_record import run_config, setup, train_epochs  # noqa: F401 (setup is a fixture)
@@ -31,16 +33,32 @@ def test_a_mixed_batch_is_timms_batch_mode_mixup(mixup, cutmix):
     assert 0 < unmixed < 12
 
 
+def test_an_erased_batch_is_timms_random_erasing():
+    """Same seed: the boxes and noise of timm's RandomErasing (pixel mode, up to 2 boxes), on a copy of the batch."""
+    from timm.data.random_erasing import RandomErasing
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 3, 16, 16), torch.arange(6)
+    original = images.clone()
+    erased = BatchEraser(DataConfig(reprob=0.5, remode='pixel', recount=2), torch.device('cpu'))(Batch(images, labels),
+                                                                                                7)
+    expected = images.clone()
+    with seeded(7):
+        RandomErasing(probability=0.5, mode='pixel', max_count=2, device='cpu')(expected)
+    assert torch.equal(erased.images, expected) and not torch.equal(expected, images)
+    assert torch.equal(images, original)  # the loader's batch is left as it was
+
+
 def test_mixed_batches_record_and_replay_and_refuse_single_class_terms(tmp_path, setup):  # noqa: F811
-    """Teacher and student see the same mixed batch; a replay of a mixup + CutMix recording mixes as the
-    recording run did (its students end bit-equal); DKD (one class per sample) and the views table are refused."""
-    mixing = {'mixup': 0.8, 'cutmix': 1.0}
+    """Teacher and student see the same erased and mixed batch; a replay of an erasing + mixup + CutMix recording
+    erases and mixes as the recording run did (its students end bit-equal); DKD (one class per sample) and the views
+    table are refused."""
+    mixing = {'mixup': 0.8, 'cutmix': 1.0, 'reprob': 0.5}
     recorder = train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record', **mixing), quiet=True), 2)
     replay = train_epochs(Trainer(run_config(tmp_path, setup, 'replay', 'replay', **mixing), quiet=True), 2)
     for (name, a), b in zip(recorder.distiller.student.state_dict().items(),
                             replay.distiller.student.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(DistillError, match='no recording .* differs in mixing'):
+    with pytest.raises(DistillError, match='no recording .* differs in erasing, mixing'):
         Trainer(run_config(tmp_path, setup, 'unmixed', 'replay'), quiet=True)
     dkd = run_config(tmp_path, setup, 'dkd', 'record', **mixing)
     dkd.losses = {'ce': 1.0, 'dkd': 1.0}
@@ -48,5 +66,5 @@ def test_mixed_batches_record_and_replay_and_refuse_single_class_terms(tmp_path,
         Trainer(dkd, quiet=True)
     views = run_config(tmp_path, setup, 'views', 'views', in_memory=True, augment='crop_flip', auto_augment=None,
                        **mixing)
-    with pytest.raises(DistillError, match='mixup/cutmix images are not among the crop-and-flip views'):
+    with pytest.raises(DistillError, match='erased or mixed images are not among the crop-and-flip views'):
         Trainer(views, quiet=True)

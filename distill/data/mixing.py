@@ -1,4 +1,6 @@
-"""Mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) of training batches, as timm's ``Mixup`` in
+"""Augmentation of whole training batches on the device, in timm's order (its loader erases, its train loop mixes):
+random erasing (Zhong et al., AAAI 2020; timm's ``RandomErasing``, ``data.reprob``/``remode``/``recount``, on the
+normalised images), then mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) as timm's ``Mixup`` in
 its ``batch`` mode: one lambda per batch from Beta(alpha, alpha), each image mixed with the batch reversed (its
 partner), CutMix's box from timm's ``cutmix_bbox_and_lam`` with lambda corrected to the box's area, and the label
 distributions from timm's ``mixup_target``. With both alphas set, ``mix_switch_prob`` picks CutMix; ``mix_prob``
@@ -9,6 +11,7 @@ from (the epoch's seed, the batch's position), so a resumed or replayed run mixe
 from typing import Any, Dict, Optional
 
 import numpy as np
+import torch
 
 from ..config import DataConfig
 from ..errors import DistillError
@@ -51,6 +54,36 @@ class BatchMixer:
         return batch._replace(images=images, soft_targets=targets)
 
 
+class BatchEraser:
+    """timm's ``RandomErasing`` of each image of a batch (its draws from Python's ``random`` and, in pixel mode, the
+    device's generator, both seeded)."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device):
+        from timm.data.random_erasing import RandomErasing
+        self.device = device
+        self.erase = RandomErasing(probability=cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
+
+    def __call__(self, batch: Batch, seed: int) -> Batch:
+        images = batch.images.clone()
+        with seeded(seed, images.device):
+            self.erase(images)
+        return batch._replace(images=images)
+
+
+class BatchAugment:
+    """Erasing, then mixing, each seeded from the batch's seed (``batch_seed``)."""
+
+    def __init__(self, eraser: Optional[BatchEraser], mixer: Optional[BatchMixer]):
+        self.eraser, self.mixer = eraser, mixer
+
+    def __call__(self, batch: Batch, seed: int) -> Batch:
+        if self.eraser is not None:
+            batch = self.eraser(batch, sample_seed(seed, 0))
+        if self.mixer is not None:
+            batch = self.mixer(batch, sample_seed(seed, 1))
+        return batch
+
+
 def batch_seed(loader, run_seed: int, epoch: int, step: int) -> int:
     """The mixing seed of batch ``step``: from the streamed loader's epoch seed (recorded, so a replay mixes as its
     recording did), else from the run seed and the epoch."""
@@ -58,12 +91,15 @@ def batch_seed(loader, run_seed: int, epoch: int, step: int) -> int:
     return sample_seed(epoch_seed if epoch_seed is not None else sample_seed(run_seed, epoch), BATCHES + step)
 
 
-def create_mixer(cfg: DataConfig, reads_class_labels: bool, num_classes: int) -> Optional[BatchMixer]:
-    """A ``BatchMixer`` when ``data.mixup`` or ``data.cutmix`` is set; refused for terms that read one class per
-    sample (``Need.CLASS_LABELS``), which a mixed image does not have."""
-    if not (cfg.mixup or cfg.cutmix):
-        return None
-    if reads_class_labels:
+def create_batch_augment(cfg: DataConfig, reads_class_labels: bool, num_classes: int,
+                         device: torch.device) -> Optional[BatchAugment]:
+    """The run's ``BatchAugment``, or None without erasing and mixing. Mixing is refused for terms that read one
+    class per sample (``Need.CLASS_LABELS``), which a mixed image does not have."""
+    mixes = bool(cfg.mixup or cfg.cutmix)
+    if mixes and reads_class_labels:
         raise DistillError("data.mixup/cutmix give each image two classes, but a loss term reads one class per "
                            "sample (see `distill methods`); set data.mixup=0 data.cutmix=0, or use ce/kd-style terms")
-    return BatchMixer(cfg, num_classes)
+    if not (mixes or cfg.reprob):
+        return None
+    return BatchAugment(BatchEraser(cfg, device) if cfg.reprob else None,
+                        BatchMixer(cfg, num_classes) if mixes else None)

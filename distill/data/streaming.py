@@ -45,11 +45,13 @@ def sample_seed(epoch_seed: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int):
-    """Every global RNG an augmentation may draw from (torch, numpy, Python) seeded with ``seed``; the caller's
-    states restored afterwards (a loader without workers decodes in the training process)."""
+def seeded(seed: int, device: Optional[torch.device] = None):
+    """Every global RNG an augmentation may draw from (torch, numpy, Python; and ``device``'s CUDA generator) seeded
+    with ``seed``; the caller's states restored afterwards (a loader without workers decodes in the training
+    process)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    cuda = [device] if device is not None and device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda, device_type='cuda'):
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
