@@ -151,3 +151,22 @@ def test_streamed_augmentation_is_a_function_of_epoch_seed_and_index_alone():
     with pytest.raises(DistillError, match='data.auto_augment is for streamed data'):
         from distill.config import from_dict
         from_dict({'data': {'auto_augment': 'rand-m9'}})
+
+
+@pytest.mark.parametrize('config', ['rand-m10-mstd0-inc1', 'rand-m10-mstd0', 'original', 'augmix-m10-w4-d2'])
+def test_every_timm_augmentation_op_runs_at_its_highest_magnitude(config):
+    """timm's PosterizeIncreasing at magnitude 10 asks Pillow for 0 bits, which Pillow 11+ refuses (a streamed
+    rand-m9-mstd0.5-inc1 run crashed on it): here it gives the black image older Pillow gave, and every other op of
+    each policy runs on a real image."""
+    import numpy as np
+    from PIL import Image
+    from distill.data.streaming import auto_augment_transform
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
+    transform = auto_augment_transform(config, 32, (0.5, 0.5, 0.5))
+    ops = getattr(transform, 'ops', None) or [op for ops in transform.policy for op in ops]
+    for op in ops:
+        op.prob = 1.0
+        out = op(image)
+        assert out.size == image.size, op.name
+        if op.name == 'PosterizeIncreasing' and config.startswith('rand'):
+            assert np.asarray(out).max() == 0

@@ -100,13 +100,27 @@ def auto_augment_transform(config: str, image_size: int, mean: Sequence[float]):
     params = {'translate_const': int(image_size * 0.45), 'img_mean': tuple(min(255, round(255 * x)) for x in mean)}
     try:
         if config.startswith('rand'):
-            return rand_augment_transform(config, params)
-        if config.startswith('augmix'):
-            return augment_and_mix_transform(config, {**params, 'translate_pct': 0.3})
-        return auto(config, params)
+            transform = rand_augment_transform(config, params)
+        elif config.startswith('augmix'):
+            transform = augment_and_mix_transform(config, {**params, 'translate_pct': 0.3})
+        else:
+            transform = auto(config, params)
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         raise DistillError(f"data.auto_augment={config!r} is not a timm augmentation string ({type(exc).__name__}: "
                            f"{exc}); use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original") from None
+    for op in getattr(transform, 'ops', None) or [op for ops in transform.policy for op in ops]:
+        if op.name.startswith('Posterize'):
+            op.aug_fn = posterize
+    return transform
+
+
+def posterize(image, bits: int, **_):
+    """timm's posterize, where 0 bits (Posterize at the highest magnitudes, e.g. rand-m9-mstd0.5-inc1's noisy
+    magnitude reaching 10) gives the black image it gave before Pillow 11 refused 0 bits."""
+    from PIL import Image, ImageOps
+    if bits >= 8:
+        return image
+    return ImageOps.posterize(image, bits) if bits >= 1 else Image.new(image.mode, image.size)
 
 
 def image_transform(train: bool, augment: str, image_size: int, padding: int, crop_pct: float,
