@@ -14,10 +14,8 @@ another normalisation and input size, on the shared CIFAR-10 images.
    must give the logits of the run's best weights.
 Writes the runs to --output, results.json there, and the markdown table to stdout.
 """
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -26,6 +24,9 @@ import torch
 from distill.config import from_dict
 from distill.pipeline import ensure_trained
 from distill.run_dir import RunDir
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py
+from common import experiment_parser, mean_std  # noqa: E402
 
 TEACHER, STUDENT = 'resnet10t', 'test_efficientnet'
 RELOAD = """
@@ -67,11 +68,7 @@ def reloads_with_timm_alone(folder: str) -> bool:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared', 'data',
-                                                       'cifar10-jpeg'))
-    parser.add_argument('--output', default='runs/hub_cifar10')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser = experiment_parser(__doc__, 'runs/hub_cifar10')
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -89,12 +86,10 @@ def main():
         rows[f'KD from local-dir:{TEACHER}'].append(train(kd))
     reloads = reloads_with_timm_alone(os.path.join(args.output, f'kd-seed{args.seeds[0]}', 'student'))
 
-    def cell(values):
-        return f"{statistics.mean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
     print(f"\n| {STUDENT} (32 px) | seeds | best top-1 | last top-1 |\n|---|---|---|---|")
     for name, summaries in rows.items():
-        print(f"| {name} | {len(summaries)} | {cell([s['best_top1'] for s in summaries])} | "
-              f"{cell([s['last_top1'] for s in summaries])} |")
+        print(f"| {name} | {len(summaries)} | {mean_std([s['best_top1'] for s in summaries])} | "
+              f"{mean_std([s['last_top1'] for s in summaries])} |")
     print(f"\nexported KD student reloads with timm alone, same logits: {reloads}")
     json.dump({'teacher_top1': teacher['best_top1'], 'reloads_with_timm_alone': reloads,
                **{name: [{k: s[k] for k in ('seed', 'best_top1', 'last_top1')} for s in summaries]

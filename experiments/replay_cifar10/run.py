@@ -12,16 +12,18 @@ top-1 of students distilled from the running teacher, on streamed shared CIFAR-1
    initialisation) without running the teacher.
 Writes the runs to --output, results.json there, and the markdown table to stdout.
 """
-import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 
 from distill.config import from_dict
 from distill.pipeline import ensure_trained
 from distill.run_dir import RunDir
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py
+from common import experiment_parser, mean_std  # noqa: E402
 
 TEACHER, STUDENT = 'cifar_resnet20', 'cifar_resnet8'
 
@@ -53,11 +55,7 @@ def top1(cfg) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared', 'data',
-                                                       'cifar10-jpeg'))
-    parser.add_argument('--output', default='runs/replay_cifar10')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser = experiment_parser(__doc__, 'runs/replay_cifar10')
     parser.add_argument('--top-k', type=int, nargs='+', default=[10, 3])
     parser.add_argument('--per-class', type=int, default=250)
     parser.add_argument('--test-per-class', type=int, default=100)
@@ -90,12 +88,10 @@ def main():
                                                                'dir': f'{records}-k{k}'}, **kd))
                                     for seed in args.seeds]
 
-    def cell(values):
-        return f"{statistics.mean(values):.2f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
     print(f"\nteacher {TEACHER}: top-1 {teacher_top1:.2f}\n\n| {STUDENT}, {args.epochs} epochs | seeds | top-1 per "
           f"seed | last top-1 |\n|---|---|---|---|")
     for name, values in rows.items():
-        print(f"| {name} | {len(values)} | {', '.join(f'{v:.2f}' for v in values)} | {cell(values)} |")
+        print(f"| {name} | {len(values)} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} |")
     json.dump({'teacher_top1': teacher_top1, **rows}, open(os.path.join(args.output, 'results.json'), 'w'), indent=2)
 
 

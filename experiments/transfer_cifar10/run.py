@@ -10,10 +10,10 @@
    teacher of the same seed.
 Writes runs to --output, results.json and the markdown table (mean +- std over seeds, last-epoch top-1) to stdout.
 """
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import distill  # noqa: F401
@@ -23,6 +23,9 @@ from distill.models.factory import create_model
 from distill.runtime import resolve_device
 from distill.trainer import Trainer
 from distill.config import ModelConfig, TransferConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py
+from common import experiment_parser, mean_std  # noqa: E402
 
 ANIMALS = ['bird', 'cat', 'deer', 'dog', 'frog', 'horse']
 VEHICLES = ['airplane', 'automobile', 'ship', 'truck']
@@ -54,11 +57,7 @@ def train(cfg):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared', 'data',
-                                                       'cifar10-jpeg'))
-    parser.add_argument('--output', default='runs/transfer_cifar10')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser = experiment_parser(__doc__, 'runs/transfer_cifar10')
     args = parser.parse_args()
     args.data = os.path.abspath(args.data)
     started_all = time.perf_counter()
@@ -112,10 +111,7 @@ def main():
     print(f"\n| method (vehicles, 100 images/class, {len(args.seeds)} seeds) | top-1 (mean +- std) | seconds/run |")
     print('|---|---|---|')
     for name, rows in results.items():
-        tops = [r['top1'] for r in rows]
-        std = statistics.stdev(tops) if len(tops) > 1 else 0.0
-        print(f"| {name} | {statistics.mean(tops):.2f} +- {std:.2f} | "
-              f"{statistics.mean(r['seconds'] for r in rows):.1f} |")
+        print(f"| {name} | {mean_std([r['top1'] for r in rows])} | {statistics.mean(r['seconds'] for r in rows):.1f} |")
     print(f"\ntotal wall time {total / 60:.1f} min (pretraining {pretrain_time:.0f}s)")
 
 
