@@ -194,8 +194,8 @@ POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'train
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
             'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
             'teacher_cache.top_k', 'data.recount')
-NON_NEGATIVE = ('data.mixup', 'data.cutmix', 'trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
-                'scheduler.warmup_epochs', 'scheduler.warmup_lr')
+NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
+                'scheduler.warmup_epochs', 'scheduler.warmup_lr', 'data.mixup', 'data.cutmix')
 
 
 def _type_name(tp: Any) -> str:

@@ -25,7 +25,7 @@ import torch
 NUMPY_DTYPES = {'float16': np.float16, 'float32': np.float32}
 
 
-def _digest_tensors(digest: 'hashlib._Hash', tensors: Dict[str, torch.Tensor]) -> None:
+def digest_tensors(digest: 'hashlib._Hash', tensors: Dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -37,8 +37,8 @@ def cache_key(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     """A hash of the teacher's weights, the training images (uint8, before augmentation) and ``settings``
     (augmentation, normalisation, precision, storage dtype): equal keys give equal logits."""
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    _digest_tensors(digest, teacher.state_dict())
-    _digest_tensors(digest, {'images': images, 'labels': labels})
+    digest_tensors(digest, teacher.state_dict())
+    digest_tensors(digest, {'images': images, 'labels': labels})
     return digest.hexdigest()[:20]
 
 

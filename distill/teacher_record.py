@@ -29,15 +29,15 @@ import torch
 
 from .errors import DistillError
 from .files import atomic_write, atomic_write_json
+from .teacher_cache import digest_tensors
 
 
 def record_key(teacher: torch.nn.Module, loader, settings: Dict[str, Any]) -> Dict[str, Any]:
     """What a recording's logits and images depend on: the teacher's weights (hash), the training files and
     labels (hash), the augmentation and teacher-input ``settings`` and the normalisation. Not the run seed: runs of
     any seed replay one recording (the recording run's seed is in its meta.json)."""
-    from .teacher_cache import _digest_tensors
     weights = hashlib.sha1()
-    _digest_tensors(weights, teacher.state_dict())
+    digest_tensors(weights, teacher.state_dict())
     files = hashlib.sha1(json.dumps([(os.path.relpath(path, loader.folder.root), label)
                                      for path, label in loader.folder.samples]).encode())
     return {**settings, 'teacher_weights': weights.hexdigest()[:20], 'train_files': files.hexdigest()[:20],

@@ -70,18 +70,23 @@ class LiveTeacher(nn.Module):
         return {}
 
 
-class CachedTeacher(LiveTeacher):
+class LogitsOnlyTeacher(LiveTeacher):
+    """A teacher whose stored answers are logits (the cache's table, a recording): terms reading its features are
+    refused."""
+
+    def watch(self, layers: Sequence[TapLayer]) -> None:
+        if layers:
+            raise DistillError(f"a teacher cache holds logits only, but loss terms read teacher features {list(layers)};"
+                               f" set teacher_cache.enabled=false")
+
+
+class CachedTeacher(LogitsOnlyTeacher):
     """The teacher's logits looked up by each sample's (index, view) in ``cache``; views not yet in the table are
     computed by the model (those samples only) and stored. Exact for logit terms on a finite set of views."""
 
     def __init__(self, model: nn.Module, cache: TeacherCache, adapter: Optional[TeacherInput] = None):
         super().__init__(model, adapter)
         self.cache = cache
-
-    def watch(self, layers: Sequence[TapLayer]) -> None:
-        if layers:
-            raise DistillError(f"a teacher cache holds logits only, but loss terms read teacher features {list(layers)};"
-                               f" set teacher_cache.enabled=false")
 
     def forward(self, batch: Batch) -> TeacherOutputs:
         if batch.indices is None or batch.views is None:
@@ -95,7 +100,7 @@ class CachedTeacher(LiveTeacher):
         return {'teacher_cache_filled': self.cache.fill_ratio}
 
 
-class RecordingTeacher(LiveTeacher):
+class RecordingTeacher(LogitsOnlyTeacher):
     """A live teacher whose top-k logits (and log-sum-exp) per image are written, with the epoch's order and seed,
     to ``recording`` at every epoch end (``teacher_record``)."""
 
@@ -106,12 +111,10 @@ class RecordingTeacher(LiveTeacher):
         self.dtype = {'float16': torch.float16, 'float32': torch.float32}[dtype]
         self.buffers: Optional[Dict[str, torch.Tensor]] = None
 
-    def watch(self, layers: Sequence[TapLayer]) -> None:
-        CachedTeacher.watch(self, layers)
-
     def forward(self, batch: Batch) -> TeacherOutputs:
         logits, features = super().forward(batch)
-        top = logits.float().topk(self.top_k, dim=1)
+        scores = logits.float()
+        top = scores.topk(self.top_k, dim=1)
         if self.buffers is None:
             count, device = len(self.loader.split), logits.device
             index_dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
@@ -122,7 +125,7 @@ class RecordingTeacher(LiveTeacher):
         rows = batch.indices.to(logits.device)
         self.buffers['values'][rows] = top.values.to(self.dtype)
         self.buffers['classes'][rows] = top.indices.to(self.buffers['classes'].dtype)
-        self.buffers['lse'][rows] = logits.float().logsumexp(1)
+        self.buffers['lse'][rows] = scores.logsumexp(1)
         self.buffers['seen'][rows] = True
         return logits, features
 
@@ -136,7 +139,7 @@ class RecordingTeacher(LiveTeacher):
         return {}
 
 
-class ReplayTeacher(LiveTeacher):
+class ReplayTeacher(LogitsOnlyTeacher):
     """The recorded teacher's logits of each batch's images (``teacher_record.dense_logits``); the model itself is
     kept for evaluation only and never runs in training. The loader follows the recording's order and seeds."""
 
@@ -146,9 +149,6 @@ class ReplayTeacher(LiveTeacher):
         self.recording, self.loader, self.num_classes = recording, loader, num_classes
         self.current: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
         loader.replay = recording
-
-    def watch(self, layers: Sequence[TapLayer]) -> None:
-        CachedTeacher.watch(self, layers)
 
     def forward(self, batch: Batch) -> TeacherOutputs:
         if self.current is None or self.current[0] != self.loader.epoch:

@@ -189,7 +189,8 @@ def test_the_slurm_executor_submits_sbatch_arrays_after_their_teacher(tmp_path, 
         f"submitted to SLURM (teacher {tmp_path / 'teachers' / 'teacher'}: job 4245; 1 run: job 4246 after it)")
     assert '#SBATCH --dependency=afterok:4245' in (runs / '.submitit' / '4246' / '4246_submission.sh').read_text()
     # sbatch refusing a job is one line
-    (fake_slurm / 'sbatch').write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpu" >&2\nexit 1\n')
+    (fake_slurm / 'sbatch').write_text('#!/bin/sh\n'
+                                       'echo "sbatch: error: invalid partition specified: gpu" >&2\nexit 1\n')
     (runs / 'r14-r8-kd-seed1' / 'job.json').unlink()
     assert main(['grid', str(grid), '--executor', 'slurm']) == 2
     err = capsys.readouterr().err

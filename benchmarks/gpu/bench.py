@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +92,8 @@ class Bench:
         self.clock = Clock(args.budget)
         self.results, self.skipped, self.failed, self.notes = [], [], [], []
         self.data, self.real_data = self._data()
+        with np.load(self.data) as arrays:
+            self.num_classes = int(arrays['train_labels'].max()) + 1
         self.teacher_weights = os.path.join(self.work, 'teacher_init.pt')
         torch.manual_seed(0)
         torch.save(timm.create_model(self.teacher, num_classes=self.num_classes).state_dict(), self.teacher_weights)
@@ -109,16 +112,12 @@ class Bench:
                  test_labels=np.arange(test) % 10)
         return path, False
 
-    @property
-    def num_classes(self) -> int:
-        with np.load(self.data) as arrays:
-            return int(arrays['train_labels'].max()) + 1
-
     def config(self, method: str, batch: int, variant: str, epochs: int, run_name: str, **sections):
         """Run ``method`` of the table's pair on the bench data, with ``variant``'s precision/layout/compile."""
         recipe, _ = recipe_data(TABLE, PAIR, method)
         trainer = dict(VARIANTS[variant], precision='fp32') if self.smoke else VARIANTS[variant]
-        override = {'student': {'name': self.student}, 'data': {'name': 'npz', 'root': self.data, 'batch_size': batch, 'num_classes': None,
+        override = {'student': {'name': self.student},
+                    'data': {'name': 'npz', 'root': self.data, 'batch_size': batch, 'num_classes': None,
                              'mean': None, 'std': None, 'download': False},
                     'trainer': {**trainer, 'epochs': epochs, 'output_dir': self.work,
                                 'run_name': run_name, 'device': self.device.type, 'progress': False,
@@ -310,7 +309,8 @@ class Bench:
                 self.matrix_cell(label, batch, variant)
 
     def report(self) -> dict:
-        machine = {'device': torch.cuda.get_device_name() if self.device.type == 'cuda' else f'CPU {platform.machine()}',
+        device = torch.cuda.get_device_name() if self.device.type == 'cuda' else f'CPU {platform.machine()}'
+        machine = {'device': device,
                    'torch': torch.__version__, 'cuda': torch.version.cuda, 'timm': timm.__version__,
                    'distill': distill.__version__, 'python': platform.python_version(), 'cpus': os.cpu_count(),
                    'date': time.strftime('%Y-%m-%d'), 'smoke': self.smoke}
@@ -374,8 +374,11 @@ def main() -> None:
         sys.exit('no CUDA device: run on a GPU machine, or pass --cpu-smoke')
     torch.backends.cudnn.benchmark = True
     bench = Bench(args)
-    for part in (bench.goals, bench.training, bench.matrix):
-        part()
+    try:
+        for part in (bench.goals, bench.training, bench.matrix):
+            part()
+    finally:  # the runs' checkpoints and the teacher cache are scratch
+        shutil.rmtree(bench.work, ignore_errors=True)
     report = bench.report()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'gpu_bench.json'), 'w') as f:
