@@ -95,11 +95,11 @@ class TrainerConfig:
     eval_every: int = 1  # validate every N epochs (and after the last one)
     channels_last: Optional[bool] = None  # NHWC models and inputs; None: on CUDA (faster convolutions), not on CPU
     compile: bool = False  # torch.compile student and teacher (falls back to eager, logged, if it fails)
-    compile_mode: str = 'default'  # torch.compile mode; reduce-overhead: CUDA graphs (small batches are bound by
-    # kernel launches on a GPU), max-autotune: also searches kernels
+    compile_mode: str = 'default'  # torch.compile mode; reduce-overhead: CUDA graphs, max-autotune: searches kernels
     accumulate_steps: int = 1  # batches per optimizer step (gradient accumulation): global batch data.batch_size x this
     check_finite_every: Optional[int] = None  # steps between host checks for a non-finite loss; None: 1 on CPU,
     # 50 on CUDA (the check is on the device every step; the host looks only this often, so steps never sync)
+    checkpoint_every: int = 0  # also write last.pt every N optimizer updates inside an epoch (0: at epoch ends only)
 
 
 @dataclass
@@ -194,8 +194,8 @@ POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'train
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
             'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
             'teacher_cache.top_k', 'data.recount')
-NON_NEGATIVE = ('trainer.seed', 'optimizer.weight_decay', 'optimizer.momentum', 'scheduler.min_lr',
-                'scheduler.warmup_epochs', 'scheduler.warmup_lr', 'data.mixup', 'data.cutmix')
+NON_NEGATIVE = ('trainer.seed', 'trainer.checkpoint_every', 'optimizer.weight_decay', 'optimizer.momentum',
+                'scheduler.min_lr', 'scheduler.warmup_epochs', 'scheduler.warmup_lr', 'data.mixup', 'data.cutmix')
 
 
 def _type_name(tp: Any) -> str:

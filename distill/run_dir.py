@@ -27,8 +27,8 @@ from .files import atomic_write, load_yaml_mapping
 # and folder say where it is, not what it computes: a moved or renamed run resumes; so does teacher.recipe, the
 # file that trained the teacher, whose weights file teacher.checkpoint is compared).
 RESUMABLE_CHANGES = ('trainer.epochs', 'trainer.progress', 'trainer.device', 'trainer.eval_every',
-                     'trainer.check_finite_every', 'data.eval_batch_size', 'wandb.', 'teacher_cache.dir',
-                     'trainer.run_name', 'trainer.output_dir', 'teacher.recipe')
+                     'trainer.check_finite_every', 'trainer.checkpoint_every', 'data.eval_batch_size', 'wandb.',
+                     'teacher_cache.dir', 'trainer.run_name', 'trainer.output_dir', 'teacher.recipe')
 NEW, INTERRUPTED, FINISHED = 'new', 'interrupted', 'finished'
 
 

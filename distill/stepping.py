@@ -1,5 +1,6 @@
 """One optimisation step: forward under autocast, scaled backward, gradient clipping, the optimizer step, with
-gradient accumulation (``trainer.accumulate_steps``), and the student's exponential moving average (``ema``).
+gradient accumulation (``trainer.accumulate_steps``), and the student's exponential moving average (``ema``); and
+RepDistiller's pre-stage (``run_pre_stage``), which trains its modules with the same steps.
 
 Accumulation: an optimizer step follows ``accumulate_steps`` consecutive batches (fewer at the end of an epoch), and
 its gradient is the mean over every sample of those batches, whatever their sizes: each batch's backward adds its
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from .config import EmaConfig
 from .data import Batch
+from .guard import FiniteGuard, stop_if_nonfinite
 
 
 class Stepper:
@@ -77,3 +79,37 @@ def create_ema(student: nn.Module, cfg: EmaConfig) -> Optional[nn.Module]:
         return None
     from timm.utils import ModelEmaV3
     return ModelEmaV3(student, decay=cfg.decay, use_warmup=cfg.warmup)
+
+
+def run_pre_stage(distiller, loader, runtime, cfg, logger, last_checkpoint: str) -> None:
+    """RepDistiller's ``init`` stage (FSP, FT, AB): before epoch 1, train each such term's pre-stage modules
+    (in train mode, everything else in eval mode) on its pre-stage loss with SGD at the recipe's momentum and
+    weight decay, for the term's ``pre_stage_epochs``. A run killed here restarts from scratch."""
+    opt, device, dist = cfg.optimizer, runtime.device, runtime.dist
+    epochs = max((term.pre_stage_epochs for term in distiller.loss_terms.values()), default=0)
+    if epochs == 0:
+        return
+    groups, trained = distiller.pre_stage_groups(opt.lr)
+    frozen = [p for group in groups for p in group['params'] if not p.requires_grad]
+    for p in frozen:  # e.g. FT's paraphraser: trained here, fixed in the main stage
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
+    stepper = Stepper(runtime, optimizer, scaler, [p for group in groups for p in group['params']],
+                      cfg.trainer.grad_clip, reduce_grads=True)
+    for epoch in range(epochs):
+        distiller.eval()
+        for module in trained:
+            module.train()
+        guard = FiniteGuard(1, device)
+        totals = torch.zeros(2, device=device)  # loss sum, count
+        for step, batch in enumerate(loader):
+            out = stepper.update(distiller.pre_stage_forward, batch, epoch)
+            stop_if_nonfinite(guard.observe(out, step), epoch, last_checkpoint)
+            totals += torch.stack([out['loss'].detach().float() * len(batch.labels),
+                                   torch.tensor(float(len(batch.labels)), device=device)])
+        total, count = dist.all_sum(totals).tolist()
+        logger.info(f"pre-stage epoch {epoch + 1}/{epochs} ({', '.join(distiller.pre_stage_terms(epoch))}) "
+                    f"loss {total / count:.4f}")
+    for p in frozen:
+        p.requires_grad_(False)

@@ -69,6 +69,13 @@ class LiveTeacher(nn.Module):
         """Epoch-end work and what to log of it."""
         return {}
 
+    def epoch_state(self) -> Dict[str, torch.Tensor]:
+        """What a checkpoint inside an epoch keeps of the epoch's work so far (``load_epoch_state`` restores it)."""
+        return {}
+
+    def load_epoch_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Continue an epoch from a checkpoint inside it (``epoch_state``)."""
+
 
 class LogitsOnlyTeacher(LiveTeacher):
     """A teacher whose stored answers are logits (the cache's table, a recording): terms reading its features are
@@ -98,6 +105,10 @@ class CachedTeacher(LogitsOnlyTeacher):
     def end_epoch(self) -> Dict[str, Any]:
         self.cache.flush()
         return {'teacher_cache_filled': self.cache.fill_ratio}
+
+    def epoch_state(self) -> Dict[str, torch.Tensor]:
+        self.cache.flush()  # the checkpoint never names a table entry the disk does not hold
+        return {}
 
 
 class RecordingTeacher(LogitsOnlyTeacher):
@@ -138,6 +149,14 @@ class RecordingTeacher(LogitsOnlyTeacher):
                                                       'seed': torch.tensor([self.loader.epoch_seed])}, self.info)
         return {}
 
+    def epoch_state(self) -> Dict[str, torch.Tensor]:
+        """The epoch's top-k buffers so far: a run resumed inside a recorded epoch still records all of it."""
+        return {name: tensor.cpu() for name, tensor in (self.buffers or {}).items()}
+
+    def load_epoch_state(self, state: Dict[str, torch.Tensor]) -> None:
+        device = next(self.model.parameters()).device
+        self.buffers = {name: tensor.to(device) for name, tensor in state.items()} or None
+
 
 class ReplayTeacher(LogitsOnlyTeacher):
     """The recorded teacher's logits of each batch's images (``teacher_record.dense_logits``); the model itself is
@@ -172,6 +191,9 @@ def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loa
     root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
     if cfg.teacher_cache.mode == 'replay':
         return ReplayTeacher(model, adapter, open_replay(root, key, cfg.trainer.epochs), loader, num_classes)
+    if loader.world_size > 1:
+        raise DistillError("a recording holds every image of each epoch, which one process sees; record without "
+                           "torchrun (replay runs may use it)")
     recording = Recording(key_folder(root, key), key)
     seed = recording.meta.get('seed', cfg.trainer.seed)
     if seed != cfg.trainer.seed:

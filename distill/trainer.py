@@ -28,12 +28,13 @@ from .files import atomic_save
 from .guard import FiniteGuard, stop_if_nonfinite
 from .inputs import expected_size, pretrained_input, pretrained_stats
 from .losses import Need, declared_needs
+from .midepoch import EpochProgress, StopRequest
 from .models.factory import check_input_size, check_model_config, create_model, init_from
 from .optim import check_scheduler, create_optimizer, create_scheduler
 from .run_dir import RunDir
 from .run_logger import NullLogger, RunLogger, check_wandb_reachable
 from .runtime import CompiledForward, Runtime
-from .stepping import Stepper, create_ema
+from .stepping import Stepper, create_ema, run_pre_stage
 from .teachers import build_teacher
 from .transfer import StageFreezer, apply_lr_scales, param_groups, uses_transfer
 
@@ -101,6 +102,8 @@ class Trainer:
 
         self.start_epoch, self.num_updates, self.history = 0, 0, []
         self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
+        self.progress: Optional[EpochProgress] = None  # of the epoch a checkpoint inside it stopped
+        self.stop = StopRequest()
         if self.dist.is_main:
             os.makedirs(self.run_dir.checkpoints, exist_ok=True)
             self.run_dir.remove_temporaries()
@@ -119,7 +122,8 @@ class Trainer:
         check_input_size(model, size, 'teacher', self.cfg.teacher.name)
         return model
 
-    def _state(self, epoch: int) -> Dict[str, Any]:
+    def _state(self, epoch: int, progress: Optional[EpochProgress] = None) -> Dict[str, Any]:
+        """What ``last.pt`` / ``best.pt`` hold after ``epoch`` epochs, or inside epoch ``epoch`` (``progress``)."""
         return {
             'model': self.distiller.student.state_dict(),
             'model_ema': self.ema.module.state_dict() if self.ema is not None else None,
@@ -130,7 +134,8 @@ class Trainer:
             'epoch': epoch, 'num_updates': self.num_updates,
             'best_top1': self.best_top1, 'best_epoch': self.best_epoch, 'history': self.history,
             'teacher_metrics': self.teacher_metrics,
-            'rng': rng_state(), 'data_generator': self.data.train.generator.get_state(),
+            'rng': rng_state(), 'epoch_progress': progress.state() if progress else None,
+            'data_generator': progress.generator_state if progress else self.data.train.generator.get_state(),
             'normalization': {'mean': self.data.train.mean.flatten().cpu(), 'std': self.data.train.std.flatten().cpu()},
             'config': to_dict(self.cfg), 'wandb_id': self.logger.wandb_id,
         }
@@ -150,54 +155,31 @@ class Trainer:
         set_rng_state(checkpoint['rng'])
         self.data.train.generator.set_state(checkpoint['data_generator'])
         self.logger.rewrite_history(self.history)
-        self.logger.info(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
+        self.progress = EpochProgress.from_checkpoint(checkpoint)
+        if self.progress is not None and self.distiller.teacher is not None:
+            self.distiller.teacher.load_epoch_state(self.progress.teacher)
+        inside = f", {self.progress.step} batches into epoch {self.start_epoch + 1}" if self.progress else ''
+        self.logger.info(f"resumed {self.run_dir.path} after epoch {self.start_epoch}{inside}")
 
     def run_pre_stage(self) -> None:
-        """RepDistiller's ``init`` stage (FSP, FT, AB): before epoch 1, train each such term's pre-stage modules
-        (in train mode, everything else in eval mode) on its pre-stage loss with SGD at the recipe's momentum and
-        weight decay, for the term's ``pre_stage_epochs``. A run killed here restarts from scratch."""
-        distiller, opt = self.distiller, self.cfg.optimizer
-        epochs = max((term.pre_stage_epochs for term in distiller.loss_terms.values()), default=0)
-        if epochs == 0:
-            return
-        groups, trained = distiller.pre_stage_groups(opt.lr)
-        frozen = [p for group in groups for p in group['params'] if not p.requires_grad]
-        for p in frozen:  # e.g. FT's paraphraser: trained here, fixed in the main stage
-            p.requires_grad_(True)
-        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.amp_dtype == torch.float16)
-        stepper = Stepper(self.runtime, optimizer, scaler, [p for group in groups for p in group['params']],
-                          self.cfg.trainer.grad_clip, reduce_grads=True)
-        for epoch in range(epochs):
-            distiller.eval()
-            for module in trained:
-                module.train()
-            guard = FiniteGuard(1, self.device)
-            totals = torch.zeros(2, device=self.device)  # loss sum, count
-            for step, batch in enumerate(self.data.train):
-                out = stepper.update(distiller.pre_stage_forward, batch, epoch)
-                stop_if_nonfinite(guard.observe(out, step), epoch, self.run_dir.last)
-                totals += torch.stack([out['loss'].detach().float() * len(batch.labels),
-                                       torch.tensor(float(len(batch.labels)), device=self.device)])
-            total, count = self.dist.all_sum(totals).tolist()
-            self.logger.info(f"pre-stage epoch {epoch + 1}/{epochs} ({', '.join(distiller.pre_stage_terms(epoch))}) "
-                             f"loss {total / count:.4f}")
-        for p in frozen:
-            p.requires_grad_(False)
+        run_pre_stage(self.distiller, self.data.train, self.runtime, self.cfg, self.logger, self.run_dir.last)
 
-    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
-        """One pass over the training split. Nothing in a step waits for the device: metrics add up on it and
-        the host looks at the loss only every ``check_finite_every`` steps."""
+    def train_one_epoch(self, epoch: int, progress: Optional[EpochProgress] = None) -> Dict[str, float]:
+        """One pass over the training split (the rest of it after ``progress``, a checkpoint inside the epoch).
+        Nothing in a step waits for the device: metrics add up on it and the host looks at the loss only every
+        ``check_finite_every`` steps."""
+        progress = progress or EpochProgress(epoch, self.data.train.generator.get_state())
         self.distiller.train()
-        self.data.train.set_epoch(epoch)
+        self.data.train.set_epoch(epoch, progress.step)
         device, accumulate, steps = self.device, self.cfg.trainer.accumulate_steps, len(self.data.train)
         every = self.cfg.trainer.check_finite_every or (1 if device.type == 'cpu' else 50)
         guard = FiniteGuard(every, device)
-        sums: Optional[torch.Tensor] = None  # loss, each term, top-1 hits, count (summed over samples)
+        sums = None if progress.sums is None else progress.sums.to(device) if self.dist.is_main else \
+            torch.zeros_like(progress.sums, device=device)  # loss, each term, top-1 hits, count (sample sums)
         show = self.cfg.trainer.progress and sys.stderr.isatty() and self.dist.is_main
         bar = tqdm(self.data.train, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", disable=not show,
-                   leave=False, dynamic_ncols=True)
-        for step, batch in enumerate(bar):
+                   leave=False, dynamic_ncols=True, initial=progress.step, total=steps)
+        for step, batch in enumerate(bar, start=progress.step):
             if self.batch_augment is not None:  # erasing, mixup, cutmix
                 batch = self.batch_augment(batch, batch_seed(self.data.train, self.cfg.trainer.seed, epoch, step))
             closes_group = (step + 1) % accumulate == 0 or step + 1 == steps
@@ -217,6 +199,8 @@ class Trainer:
             sums = step_sums if sums is None else sums + step_sums
             if show and step % 20 == 0:
                 bar.set_postfix(loss=f"{out['loss'].item():.3f}")
+            if closes_group and step + 1 < steps:
+                self._checkpoint_inside(progress, step + 1, sums, guard, every)
         stop_if_nonfinite(guard.check(), epoch, self.run_dir.last)
         totals = self.dist.all_sum(sums).tolist()
         count, names = totals[-1], ['loss'] + list(self.distiller.main_terms)
@@ -230,14 +214,17 @@ class Trainer:
         cfg, logger = self.cfg, self.logger
         completed = False
         try:
+            self.stop.listen()  # SIGINT / SIGTERM: checkpoint at the next stop point, then stop (midepoch)
             if self.teacher_metrics is None and self.distiller.teacher is not None:
                 self.teacher_metrics = self._evaluate(self.distiller.teacher.classifier())
                 logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
             self._describe()
-            if self.start_epoch == 0:
+            if self.start_epoch == 0 and self.progress is None:
                 self.run_pre_stage()
             for epoch in range(self.start_epoch, cfg.trainer.epochs):
                 self._epoch(epoch)
+                if epoch + 1 < cfg.trainer.epochs and self.stop.agreed(self.dist, self.device):
+                    self._stopped(f"after epoch {epoch + 1}")
             summary = self._summary()
             if self.dist.is_main:
                 self.run_dir.export(self.distiller.student, export_data_config(cfg.data, self.data), summary)
@@ -246,12 +233,38 @@ class Trainer:
                         f"{summary['last_top1']:.2f}; run directory {self.run_dir.path}")
             return summary
         finally:
+            self.stop.restore()
             logger.finish(self._summary() if completed else None)
+
+    def _checkpoint_inside(self, progress: EpochProgress, step: int, sums: torch.Tensor, guard: FiniteGuard,
+                           every: int) -> None:
+        """``last.pt`` after batch ``step`` of the epoch, every ``trainer.checkpoint_every`` updates and at a stop
+        request (``midepoch``); a requested stop then ends the run."""
+        periodic = self.cfg.trainer.checkpoint_every and self.num_updates % self.cfg.trainer.checkpoint_every == 0
+        stopping = self.num_updates % every == 0 and self.stop.agreed(self.dist, self.device)
+        if not (periodic or stopping):
+            return
+        stop_if_nonfinite(guard.check(), progress.epoch, self.run_dir.last)  # never checkpoint a non-finite state
+        # the sums of every rank: rank 0 carries them on after a resume
+        progress.step, progress.sums = step, self.dist.all_sum(sums).cpu()
+        progress.teacher = self.distiller.teacher.epoch_state() if self.distiller.teacher is not None else {}
+        if self.dist.is_main:
+            atomic_save(self._state(progress.epoch, progress), self.run_dir.last)
+        self.dist.barrier()
+        if stopping:
+            self._stopped(f"{step} batches into epoch {progress.epoch + 1}")
+
+    def _stopped(self, where: str) -> None:
+        asked = self.stop.received.name if self.stop.received else 'another rank'
+        self.logger.info(f"stopped ({asked}): {self.run_dir.last} holds the run {where}; resume with --resume")
+        raise KeyboardInterrupt
 
     def _epoch(self, epoch: int) -> None:
         """Train one epoch, validate, step the schedule, checkpoint and log."""
         cfg, logger = self.cfg, self.logger
-        started = time.perf_counter()
+        progress, self.progress = self.progress, None
+        progress = progress or EpochProgress(epoch, self.data.train.generator.get_state())
+        progress.started = time.perf_counter()
         if self.freezer is not None:
             self.freezer.apply(epoch)
             if epoch > 0 and self.freezer.frozen_groups(epoch) != self.freezer.frozen_groups(epoch - 1):
@@ -259,14 +272,14 @@ class Trainer:
                             f"groups")
         group = self.optimizer.param_groups[0]  # the recipe's lr: groups may carry a transfer lr_scale
         lr = group['lr'] / group.get('lr_scale', 1.0)
-        record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch)}
+        record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch, progress)}
         evaluated = (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
         if evaluated:  # with an EMA, the averaged student is the one evaluated, kept as best and exported
             val = self._evaluate(self.ema.module if self.ema is not None else self.distiller.student)
             record.update(val_top1=val['top1'], val_top5=val['top5'], val_loss=val['loss'])
             if self.ema is not None:
                 record['val_top1_raw'] = self._evaluate(self.distiller.student)['top1']
-        record['epoch_time'] = time.perf_counter() - started
+        record['epoch_time'] = progress.seconds()
         if self.scheduler:
             self.scheduler.step(epoch + 1)
         improved = evaluated and record['val_top1'] > self.best_top1

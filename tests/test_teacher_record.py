@@ -65,14 +65,23 @@ def test_a_dense_replay_trains_what_the_recording_run_trained_without_running_th
     assert torch.equal(other_seed.data.train.epoch_order, recorder.distiller.teacher.recording.epoch(0)['order'])
 
 
-def test_replay_refuses_missing_epochs_another_augmentation_a_corrupt_shard_and_another_record_seed(tmp_path,
-                                                                                                      setup):
+def test_replay_refuses_missing_epochs_other_weights_data_or_augmentation_a_corrupt_shard_and_another_record_seed(
+        tmp_path, setup):
     train_epochs(Trainer(run_config(tmp_path, setup, 'record', 'record'), quiet=True), 2)
     with pytest.raises(DistillError, match='holds epochs 1-2 but the run asks for 3'):
         Trainer(run_config(tmp_path, setup, 'more', 'replay', epochs=3), quiet=True)
     with pytest.raises(DistillError, match=r'no recording of this teacher, data and augmentation under .* \(the '
                                            r'nearest one differs in auto_augment\)'):
         Trainer(run_config(tmp_path, setup, 'other', 'replay', auto_augment='rand-m5'), quiet=True)
+    folder, teacher = setup
+    torch.manual_seed(2)
+    other_teacher = str(tmp_path / 'other_teacher.safetensors')
+    save_file(timm.create_model('cifar_resnet8x4', num_classes=3).state_dict(), other_teacher)
+    with pytest.raises(DistillError, match=r'\(the nearest one differs in teacher_weights\)'):
+        Trainer(run_config(tmp_path, (folder, other_teacher), 'weights', 'replay'), quiet=True)
+    other_data = image_folder(tmp_path / 'other_folder', per_class=10)
+    with pytest.raises(DistillError, match=r'\(the nearest one differs in num_images, train_files\)'):
+        Trainer(run_config(tmp_path, (other_data, teacher), 'data', 'replay'), quiet=True)
     with pytest.raises(DistillError, match='was drawn with trainer.seed=0; record with that seed'):
         Trainer(run_config(tmp_path, setup, 'reseed', 'record', seed=1), quiet=True)
     with pytest.raises(DistillError, match='record and replay follow a streamed run'):

@@ -33,8 +33,9 @@ class Placement:
 
 class Loader(Protocol):
     """What the trainer needs of a loader (the in-memory ``BatchLoader`` and the streamed ``StreamingLoader``):
-    batches of one epoch in an order drawn from ``generator`` (checkpointed, so a resume continues it), their
-    count, the split's labels and classes, and how many distinct views an image has (0: not a finite set)."""
+    batches of one epoch in an order drawn from ``generator`` (its state at the epoch's start is checkpointed, so a
+    resume continues the same stream, also from inside an epoch), their count, the split's labels and classes, and
+    how many distinct views an image has (0: not a finite set)."""
     split: ImageSplit  # for streamed data only ``labels``, ``classes`` and ``len`` are available
     generator: torch.Generator
     num_views: int
@@ -45,8 +46,9 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next ``__iter__`` serves (a replayed stream follows its recording's epochs)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch the next ``__iter__`` serves (a replayed stream follows its recording's epochs), from its batch
+        ``start`` (a resume inside the epoch: the generator then holds its state at the epoch's start)."""
 
 
 def plan_batches(order: torch.Tensor, batch_size: int, train: bool, rank: int = 0,
@@ -93,9 +95,11 @@ class BatchLoader:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.rank, self.world_size = placement.rank, placement.world_size
         self.num_views = view_count(augment, padding) if train else 1
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """In memory, epochs follow the generator alone."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """In memory, epochs follow the generator alone; the batches before ``start`` are drawn, not made."""
+        self.start = start
 
     def __len__(self) -> int:
         return len(plan_batches(torch.arange(len(self.split)), self.batch_size, self.train, self.rank,
@@ -104,9 +108,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         n, device = len(self.split), self.split.images.device
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        augmenting = self.train and self.augment != 'none'
-        for indices, local, loss_scale in plan_batches(order, self.batch_size, self.train, self.rank,
-                                                       self.world_size):
+        augmenting, start, self.start = self.train and self.augment != 'none', self.start, 0
+        for position, (indices, local, loss_scale) in enumerate(plan_batches(order, self.batch_size, self.train,
+                                                                             self.rank, self.world_size)):
             views = draw_views(len(indices), self.padding, self.flip, self.generator) \
                 if augmenting else torch.zeros(len(indices), dtype=torch.int64)
             strong = None
@@ -115,6 +119,8 @@ class BatchLoader:
                 weak = apply_views(raw, draw_views(len(raw), self.padding, self.flip, self.generator),
                                    self.padding, self.flip) if augmenting else raw
                 strong = rand_augment(weak, self.generator)
+            if position < start:  # a resumed epoch: drawn above as before, so later batches draw the same
+                continue
             if len(local) < len(indices):  # this rank's part of the global batch
                 indices, views = indices[local], views[local]
                 strong = strong[local] if strong is not None else None

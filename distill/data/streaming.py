@@ -161,11 +161,11 @@ class StreamingLoader:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._batches, self._loader = _EpochBatches(), None
         self.epoch_seed = 0  # the current epoch's: with an index, it regenerates an image (``augmented``)
-        self.epoch, self.epoch_order = 0, torch.arange(0)
+        self.epoch, self.start, self.epoch_order = 0, 0, torch.arange(0)
         self.replay = None  # a teacher_record.Recording whose epochs' orders and seeds this loader follows
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def augmented(self, index: int, epoch_seed: int) -> torch.Tensor:
         """Image ``index`` as the epoch of ``epoch_seed`` augmented it (uint8, before normalisation)."""
@@ -186,7 +186,7 @@ class StreamingLoader:
             order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
             self.epoch_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator)) if self.train else 0
         self.epoch_order = order
-        batches = self._plan(order)
+        batches, self.start = self._plan(order)[self.start:], 0  # a resumed epoch decodes from its next batch
         # this rank's samples of each batch
         self._batches.batches = [[(i, self.epoch_seed) for i in batch[local].tolist()] for batch, local, _ in batches]
         if self._loader is None:  # its own generator: creating an epoch's iterator leaves torch's global RNG alone
