@@ -113,7 +113,8 @@ class CachedTeacher(LogitsOnlyTeacher):
 
 class RecordingTeacher(LogitsOnlyTeacher):
     """A live teacher whose top-k logits (and log-sum-exp) per image are written, with the epoch's order and seed,
-    to ``recording`` at every epoch end (``teacher_record``)."""
+    to ``recording`` at every epoch end (``teacher_record``). Under torchrun each rank records the images of its
+    part of every batch; the ranks' buffers are summed (each row is non-zero on one rank) and rank 0 writes."""
 
     def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
                  top_k: int, dtype: str, info: Dict[str, Any]):
@@ -140,22 +141,37 @@ class RecordingTeacher(LogitsOnlyTeacher):
         self.buffers['seen'][rows] = True
         return logits, features
 
+    def _gathered(self) -> Dict[str, torch.Tensor]:
+        """The epoch's buffers so far, of every rank."""
+        if self.loader.world_size == 1 or self.buffers is None:
+            return dict(self.buffers or {})
+        gathered = {}
+        for name, tensor in self.buffers.items():  # NCCL sums neither int16 nor bool
+            summed = tensor.to(torch.int32) if name in ('classes', 'seen') else tensor.clone()
+            torch.distributed.all_reduce(summed)
+            gathered[name] = summed.to(tensor.dtype)
+        return gathered
+
     def end_epoch(self) -> Dict[str, Any]:
-        buffers, self.buffers = self.buffers, None
-        if buffers is None or not bool(buffers.pop('seen').all()):
-            raise DistillError("a recorded epoch did not see every training image; record in one process "
-                               "(without torchrun)")
-        self.recording.write_epoch(self.loader.epoch, {**buffers, 'order': self.loader.epoch_order,
-                                                      'seed': torch.tensor([self.loader.epoch_seed])}, self.info)
+        buffers, self.buffers = self._gathered(), None
+        seen = int(buffers.pop('seen').sum()) if buffers else 0
+        if seen != len(self.loader.split):
+            raise DistillError(f"recorded epoch {self.loader.epoch + 1} saw {seen} of {len(self.loader.split)} "
+                               f"training images; record the whole epoch (teacher_cache.mode=record from its start)")
+        if self.loader.rank == 0:
+            self.recording.write_epoch(self.loader.epoch, {**buffers, 'order': self.loader.epoch_order,
+                                                          'seed': torch.tensor([self.loader.epoch_seed])}, self.info)
         return {}
 
     def epoch_state(self) -> Dict[str, torch.Tensor]:
-        """The epoch's top-k buffers so far: a run resumed inside a recorded epoch still records all of it."""
-        return {name: tensor.cpu() for name, tensor in (self.buffers or {}).items()}
+        """The epoch's top-k buffers so far (every rank's; rank 0 writes the checkpoint): a run resumed inside a
+        recorded epoch still records all of it."""
+        return {name: tensor.cpu() for name, tensor in self._gathered().items()}
 
     def load_epoch_state(self, state: Dict[str, torch.Tensor]) -> None:
-        device = next(self.model.parameters()).device
-        self.buffers = {name: tensor.to(device) for name, tensor in state.items()} or None
+        if self.loader.rank == 0:  # the other ranks add only what they record from here on
+            device = next(self.model.parameters()).device
+            self.buffers = {name: tensor.to(device) for name, tensor in state.items()} or None
 
 
 class ReplayTeacher(LogitsOnlyTeacher):
@@ -191,9 +207,11 @@ def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loa
     root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
     if cfg.teacher_cache.mode == 'replay':
         return ReplayTeacher(model, adapter, open_replay(root, key, cfg.trainer.epochs), loader, num_classes)
-    if loader.world_size > 1:
-        raise DistillError("a recording holds every image of each epoch, which one process sees; record without "
-                           "torchrun (replay runs may use it)")
+    left = len(loader.split) % cfg.data.batch_size
+    if 0 < left < loader.world_size:
+        raise DistillError(f"under torchrun the last batch of {left} images is dropped ({loader.world_size} processes),"
+                           f" but a recording holds every image; pick a data.batch_size that leaves at least "
+                           f"{loader.world_size}, or record in one process")
     recording = Recording(key_folder(root, key), key)
     seed = recording.meta.get('seed', cfg.trainer.seed)
     if seed != cfg.trainer.seed:

@@ -1,17 +1,22 @@
 """teacher_cache.mode record / replay on a streamed ImageFolder run (distill/teacher_record.py)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 
 from distill.config import from_dict
 from distill.errors import DistillError
 from distill.teacher_record import dense_logits
 from distill.trainer import Trainer
 from helpers import digits_config, image_folder
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +30,11 @@ def setup(tmp_path_factory):
     return folder, teacher
 
 
-def run_config(tmp_path, setup, run_name, mode, seed=0, epochs=2, top_k=None, dtype='float32', **data):
+def run_config(*args, **kwargs):
+    return from_dict(config_dict(*args, **kwargs))
+
+
+def config_dict(tmp_path, setup, run_name, mode, seed=0, epochs=2, top_k=None, dtype='float32', **data):
     folder, teacher = setup
     cfg = digits_config(tmp_path, run_name, epochs=epochs, student={'name': 'cifar_resnet8'},
                         teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher}, losses={'ce': 0.1, 'kd': 0.9},
@@ -34,7 +43,7 @@ def run_config(tmp_path, setup, run_name, mode, seed=0, epochs=2, top_k=None, dt
                                        'top_k': top_k, 'dtype': dtype})
     cfg['data'] = {'name': 'imagefolder', 'root': folder, 'in_memory': False, 'workers': 0, 'image_size': 32,
                    'augment': 'random_resized_crop', 'auto_augment': 'rand-m9-mstd0.5-inc1', 'batch_size': 8, **data}
-    return from_dict(cfg)
+    return cfg
 
 
 def train_epochs(trainer, epochs):
@@ -127,3 +136,35 @@ def test_a_sparse_float16_recording_replays_the_teachers_top_k(tmp_path, setup):
     torch.testing.assert_close(replayed.log_softmax(1).gather(1, top), live.log_softmax(1).gather(1, top),
                                rtol=0, atol=1e-2)
     assert torch.isfinite(torch.tensor(replay.train_one_epoch(0)['train_loss']))
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_record_what_one_process_records_and_replay_it(tmp_path, setup):
+    """Each gloo rank records the images of its half of every batch; rank 0 writes the summed buffers: the shard
+    holds every image, with the order, seed, top-k classes and logits of a one-process recording (logits up to the
+    float rounding of half batches), also with checkpoints inside the epoch. A 2-rank replay of it trains; a batch size whose last batch would be dropped is
+    refused before training."""
+    Trainer(run_config(tmp_path, setup, 'single', 'record', epochs=1, dtype='float16'), quiet=True).fit()
+    recipe = tmp_path / 'ddp.yaml'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',
+                'distill', 'train', str(recipe)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for name, mode in (('ddp_record', 'record'), ('ddp_replay', 'replay')):
+        cfg = config_dict(tmp_path, setup, name, mode, epochs=1, dtype='float16')
+        cfg['teacher_cache']['dir'] = str(tmp_path / 'ddp_records')
+        cfg['trainer']['checkpoint_every'] = 2  # checkpoints inside the epoch gather the ranks' buffers too
+        recipe.write_text(yaml.safe_dump(cfg))
+        result = subprocess.run(torchrun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = (load_file(str(next((tmp_path / folder).glob('*/epoch_0000.safetensors'))))
+                   for folder in ('records', 'ddp_records'))
+    assert single.keys() == ddp.keys() and len(ddp['values']) == 36
+    for name in ('order', 'seed', 'classes'):
+        assert torch.equal(single[name], ddp[name]), name
+    for name in ('values', 'lse'):
+        torch.testing.assert_close(ddp[name].float(), single[name].float(), rtol=2e-3, atol=2e-3)
+    assert json.load(open(tmp_path / 'ddp_replay' / 'summary.json'))['epochs'] == 1
+    cfg = config_dict(tmp_path, setup, 'dropped', 'record', epochs=1, batch_size=7)  # 36 = 5 x 7 + 1
+    recipe.write_text(yaml.safe_dump(cfg))
+    refused = subprocess.run(torchrun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and 'the last batch of 1 images is dropped (2 processes)' in refused.stderr
