@@ -1,8 +1,13 @@
-"""Shared pieces of the benchmark scripts: the teacher/student pair arguments and the step timer."""
+"""Shared pieces of the benchmark scripts: the teacher/student pair arguments, the step timer and where the shared
+CIFAR-10 images are."""
 import argparse
+import os
 import time
 
 import torch
+
+SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
+                              'cifar10-jpeg')
 
 
 def time_steps(step, steps: int, warmup: int = 3) -> float:
@@ -19,16 +24,22 @@ def time_steps(step, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def pair_arguments(description: str, steps: int) -> argparse.Namespace:
-    """Parse the pair, batch, image size, timed steps and device shared by every step benchmark."""
+def pair_parser(description: str, steps: int, teacher: str = 'cifar_resnet32x4', student: str = 'cifar_resnet8x4',
+                batch: int = 64, image_size: int = 32) -> argparse.ArgumentParser:
+    """The pair, batch, image size, timed steps and device shared by every step benchmark (defaults given)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--teacher', default='cifar_resnet32x4')
-    parser.add_argument('--student', default='cifar_resnet8x4')
-    parser.add_argument('--batch', type=int, default=64)
-    parser.add_argument('--image-size', type=int, default=32)
+    parser.add_argument('--teacher', default=teacher)
+    parser.add_argument('--student', default=student)
+    parser.add_argument('--batch', type=int, default=batch)
+    parser.add_argument('--image-size', type=int, default=image_size)
     parser.add_argument('--steps', type=int, default=steps)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    return parser.parse_args()
+    return parser
+
+
+def pair_arguments(description: str, steps: int) -> argparse.Namespace:
+    """Parse ``pair_parser``'s arguments at their CIFAR defaults."""
+    return pair_parser(description, steps).parse_args()
 
 
 class PILImages(torch.utils.data.Dataset):

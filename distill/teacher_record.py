@@ -4,7 +4,7 @@ TinyViT's fast distillation (Wu et al., ECCV 2022, microsoft/Cream ``TinyViT/sav
 ECCV 2022) store, per (epoch, image), the augmentation and the teacher's top-k answer, so that many students
 train from one teacher pass. Here the augmentation needs no parameters of its own: the streamed loader seeds every
 draw of an image's augmentation from (the epoch's seed, the image's index) (``data.streaming``), so a recording
-keeps, per epoch, the epoch's seed and image order, and per image the teacher's top-k logits (values in
+keeps, per epoch, the epoch's seed and image order (int32), and per image the teacher's top-k logits (values in
 ``dtype``, class indices int16/int32) and the log-sum-exp of all its logits. A replay run takes the epoch's order
 and seed from the recording (its own seed then only sets the student's initialisation), so its loader regenerates
 the recorded pixels, and its logit terms read
@@ -42,7 +42,7 @@ def record_key(teacher: torch.nn.Module, loader, settings: Dict[str, Any]) -> Di
                                      for path, label in loader.folder.samples]).encode())
     return {**settings, 'teacher_weights': weights.hexdigest()[:20], 'train_files': files.hexdigest()[:20],
             'num_images': len(loader.split), 'mean': loader.mean.flatten().tolist(),
-            'std': loader.std.flatten().tolist(), 'version': 1}
+            'std': loader.std.flatten().tolist(), 'version': 2}  # 2: int32 orders; RandAugment runs crop on PIL
 
 
 def key_folder(root: str, key: Dict[str, Any]) -> str:

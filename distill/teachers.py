@@ -83,8 +83,8 @@ class LogitsOnlyTeacher(LiveTeacher):
 
     def watch(self, layers: Sequence[TapLayer]) -> None:
         if layers:
-            raise DistillError(f"a teacher cache holds logits only, but loss terms read teacher features {list(layers)};"
-                               f" set teacher_cache.enabled=false")
+            raise DistillError(f"a teacher cache holds logits only, but loss terms read teacher features "
+                               f"{list(layers)}; set teacher_cache.enabled=false")
 
 
 class CachedTeacher(LogitsOnlyTeacher):
@@ -159,7 +159,8 @@ class RecordingTeacher(LogitsOnlyTeacher):
             raise DistillError(f"recorded epoch {self.loader.epoch + 1} saw {seen} of {len(self.loader.split)} "
                                f"training images; record the whole epoch (teacher_cache.mode=record from its start)")
         if self.loader.rank == 0:
-            self.recording.write_epoch(self.loader.epoch, {**buffers, 'order': self.loader.epoch_order,
+            order = self.loader.epoch_order.to(torch.int32 if len(self.loader.split) < 2 ** 31 else torch.int64)
+            self.recording.write_epoch(self.loader.epoch, {**buffers, 'order': order,
                                                           'seed': torch.tensor([self.loader.epoch_seed])}, self.info)
         return {}
 
@@ -170,8 +171,7 @@ class RecordingTeacher(LogitsOnlyTeacher):
 
     def load_epoch_state(self, state: Dict[str, torch.Tensor]) -> None:
         if self.loader.rank == 0:  # the other ranks add only what they record from here on
-            device = next(self.model.parameters()).device
-            self.buffers = {name: tensor.to(device) for name, tensor in state.items()} or None
+            self.buffers = {name: tensor.to(self.loader.device) for name, tensor in state.items()} or None
 
 
 class ReplayTeacher(LogitsOnlyTeacher):

@@ -1,10 +1,11 @@
 """The training loop shared by teacher training, baseline students and distillation.
 
 One ``Trainer`` runs a ``Config``: it builds data, models, the ``Distiller``, a timm optimizer and scheduler,
-trains with the chosen precision, evaluates top-1/top-5 every epoch, checkpoints ``last.pt`` (every epoch) and
-``best.pt`` atomically, resumes exactly, and exports the student (safetensors and a timm model folder). What it builds from comes from
-one module each: ``runtime`` (device, precision, DDP, compile), ``models.factory``, ``teachers``, ``optim``,
-``evaluation``, ``guard`` (non-finite losses), ``run_dir`` (files and run state), ``run_logger``.
+trains with the chosen precision, evaluates top-1/top-5 every epoch, checkpoints ``last.pt`` (every epoch, and inside
+one: ``midepoch``) and ``best.pt`` atomically, resumes exactly, and exports the student (safetensors and a timm
+model folder). What it builds from comes from one module each: ``runtime`` (device, precision, DDP, compile),
+``models.factory``, ``teachers``, ``optim``, ``stepping``, ``evaluation``, ``guard`` (non-finite losses),
+``run_dir`` (files and run state), ``run_logger``.
 """
 import math
 import os

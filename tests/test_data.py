@@ -170,3 +170,18 @@ def test_every_timm_augmentation_op_runs_at_its_highest_magnitude(config):
         assert out.size == image.size, op.name
         if op.name == 'PosterizeIncreasing' and config.startswith('rand'):
             assert np.asarray(out).max() == 0
+
+
+def test_link_subset_links_the_first_images_of_each_class_and_names_a_missing_split(tmp_path):
+    from distill.data.sources import link_subset
+    for name in ('cat', 'dog'):
+        (tmp_path / 'src' / 'train' / name).mkdir(parents=True)
+        for index in range(3):
+            (tmp_path / 'src' / 'train' / name / f'{index}.png').write_bytes(b'x')
+    for _ in range(2):  # a second call keeps the links it finds
+        link_subset(str(tmp_path / 'src'), str(tmp_path / 'dst'), {'train': 2})
+    for name in ('cat', 'dog'):
+        links = sorted((tmp_path / 'dst' / 'train' / name).iterdir())
+        assert [link.name for link in links] == ['0.png', '1.png'] and all(link.is_symlink() for link in links)
+    with pytest.raises(DistillError, match=r'image folder not found: .*src/test'):
+        link_subset(str(tmp_path / 'src'), str(tmp_path / 'dst'), {'test': 1})

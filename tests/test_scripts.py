@@ -24,7 +24,8 @@ def test_script_imports_and_parses_its_arguments(script):
 @pytest.mark.slow
 def test_the_gpu_check_runs_every_part_in_its_cpu_smoke_mode(tmp_path):
     """benchmarks/gpu/run.sh --cpu-smoke: every method x batch x variant of the matrix, the goals, the baseline
-    loop and both training runs complete without wandb importable, and the JSON and Markdown reports say so."""
+    loop, both training runs and the streamed record / replay epochs complete without wandb importable, and the
+    JSON and Markdown reports say so."""
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
     result = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu', 'run.sh'), '--cpu-smoke'], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -35,7 +36,9 @@ def test_the_gpu_check_runs_every_part_in_its_cpu_smoke_mode(tmp_path):
     assert len(matrix) == 6 * 2 * 4 and all(r['img_s'] > 0 for r in report['results'] if 'img_s' in r)
     parts = [r['name'] for r in report['results'] if r['part'] != 'matrix']
     assert [name.split(',')[0] for name in parts] == ['plain PyTorch loop', 'teacher cifar_resnet20',
-                                                      'KD cifar_resnet20 -> cifar_resnet8']
+                                                      'KD cifar_resnet20 -> cifar_resnet8', 'student only',
+                                                      'KD live', 'KD replay']
+    assert any(note.startswith('streamed: epoch time / student-only: replay') for note in report['notes'])
     assert [goal['goal'] for goal in report['goals']] == ['KD live, batch 64', 'KD cached, batch 512',
                                                           'KD live / torchdistill']
     assert '| KD cached | 8 |' in open(tmp_path / 'gpu_bench.md').read()

@@ -71,7 +71,7 @@ def test_a_dense_replay_trains_what_the_recording_run_trained_without_running_th
         assert torch.equal(a, b), name
     other_seed = Trainer(run_config(tmp_path, setup, 'seed1', 'replay', seed=1), quiet=True)
     train_epochs(other_seed, 1)
-    assert torch.equal(other_seed.data.train.epoch_order, recorder.distiller.teacher.recording.epoch(0)['order'])
+    assert torch.equal(other_seed.data.train.epoch_order, recorder.distiller.teacher.recording.epoch(0)['order'].long())
 
 
 def test_replay_refuses_missing_epochs_other_weights_data_or_augmentation_a_corrupt_shard_and_another_record_seed(
@@ -142,8 +142,8 @@ def test_a_sparse_float16_recording_replays_the_teachers_top_k(tmp_path, setup):
 def test_two_torchrun_ranks_record_what_one_process_records_and_replay_it(tmp_path, setup):
     """Each gloo rank records the images of its half of every batch; rank 0 writes the summed buffers: the shard
     holds every image, with the order, seed, top-k classes and logits of a one-process recording (logits up to the
-    float rounding of half batches), also with checkpoints inside the epoch. A 2-rank replay of it trains; a batch size whose last batch would be dropped is
-    refused before training."""
+    float rounding of half batches), also with checkpoints inside the epoch. A 2-rank replay of it trains; a batch
+    size whose last batch torchrun would drop is refused before training."""
     Trainer(run_config(tmp_path, setup, 'single', 'record', epochs=1, dtype='float16'), quiet=True).fit()
     recipe = tmp_path / 'ddp.yaml'
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',

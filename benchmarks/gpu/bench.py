@@ -15,7 +15,11 @@ important first, each inside its share of the budget (what did not fit is listed
    DistillationBox where torchdistill is installed.
 2. real training: the teacher 15 epochs, then 15 epochs of KD (cosine lr) on the 10,000 images; top-1 on the 2,000
    test images, wall time, and the projected time of the protocol's 240 epochs x 50,000 images.
-3. the matrix: student only, KD, KD cached, DKD, CRD, ReviewKD x batch 64 / 512 x fp32 / bf16 / bf16 +
+3. streamed data and the recorded teacher: ResNet-50 -> ResNet-18 at 224 px (random weights) on an ImageFolder tree
+   of 2,000 of the images, RandomResizedCrop + flip + RandAugment in 8 workers, bf16 + channels_last: a live KD
+   epoch that records the teacher's logits, a replay epoch of that recording (no teacher), and a student-only epoch
+   (the side-stream prefetch and the record/replay path on CUDA; goal replay / student-only time <= 1.05).
+4. the matrix: student only, KD, KD cached, DKD, CRD, ReviewKD x batch 64 / 512 x fp32 / bf16 / bf16 +
    channels_last / + compile (eager ones first).
 
 A throughput is training images/s of distill's own ``Trainer`` epoch (its GPU-resident data pipeline and batched
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Optional, Tuple
 
 if '--cpu-smoke' in sys.argv:
     os.environ['TORCH_COMPILE_DISABLE'] = '1'  # the compiled variants run their code path eagerly
@@ -299,6 +304,63 @@ class Bench:
             self.measure('training', f"KD {self.teacher} -> {self.student}, {epochs} epochs, {COMPILED}, b{small}",
                          0 if self.smoke else 60, student_run)
 
+    def streamed(self) -> None:
+        self.clock.part(0.15 * self.args.budget)
+        teacher, student, size, batch, count = ((self.teacher, self.student, 32, 4, 16) if self.smoke else
+                                                ('resnet50', 'resnet18', 224, 128, 2000))
+        tree, count = self._image_tree(count)
+        torch.manual_seed(0)
+        weights = os.path.join(self.work, f'{teacher}.pt')
+        torch.save(timm.create_model(teacher, num_classes=self.num_classes).state_dict(), weights)
+
+        def epoch_rate(run_name: str, losses: dict, mode: Optional[str]):
+            def run():
+                cfg = {'student': {'name': student}, 'losses': losses,
+                       'data': {'name': 'imagefolder', 'root': tree, 'in_memory': False, 'image_size': size,
+                                'workers': 0 if self.smoke else min(8, os.cpu_count() or 1), 'batch_size': batch,
+                                'augment': 'random_resized_crop', 'auto_augment': 'rand-m9-mstd0.5-inc1'},
+                       'optimizer': {'name': 'momentum', 'lr': 0.1}, 'scheduler': {'name': 'none'},
+                       'trainer': {'epochs': 2, 'precision': 'fp32' if self.smoke else 'bf16', 'channels_last':
+                                   not self.smoke, 'device': self.device.type, 'output_dir': self.work,
+                                   'run_name': run_name, 'progress': False}, 'wandb': {'mode': 'disabled'}}
+                if mode:
+                    cfg['teacher'] = {'name': teacher, 'checkpoint': weights}
+                    cfg['teacher_cache'] = {'enabled': True, 'mode': mode, 'top_k': 10,
+                                            'dir': os.path.join(self.work, 'records')}
+                self.reset_memory()
+                trainer = Trainer(from_dict(cfg), quiet=True)
+                trainer.train_one_epoch(0)  # warm-up: workers, cuDNN autotuning (and the first recorded epoch)
+                started = time.perf_counter()
+                trainer.train_one_epoch(1)
+                return {'img_s': round(count / (time.perf_counter() - started), 1), 'peak_mib': self.peak_mib()}
+            return run
+
+        kd = {'ce': 0.5, 'kd': {'weight': 0.5, 'temperature': 1.0}}
+        for name, losses, mode in (('student only', {'ce': 1.0}, None), ('KD live, recording', kd, 'record'),
+                                   ('KD replay', kd, 'replay')):
+            self.measure('streamed', f"{name}, {teacher} -> {student}, {size} px, b{batch}", 0 if self.smoke else 25,
+                         epoch_rate(name.replace(' ', '_').replace(',', ''), losses, mode))
+        rates = {r['name'].split(',')[0]: r['img_s'] for r in self.results if r['part'] == 'streamed'}
+        if len(rates) == 3:
+            self.notes.append(f"streamed: epoch time / student-only: replay "
+                              f"{rates['student only'] / rates['KD replay']:.3f} (goal <= 1.05), live recording "
+                              f"{rates['student only'] / rates['KD live']:.3f}")
+
+    def _image_tree(self, count: int) -> Tuple[str, int]:
+        """About ``count`` bench training images, as many of each class, as an ImageFolder tree of PNG files (the
+        first of each class also as validation), and how many it holds."""
+        from PIL import Image
+        root = os.path.join(self.work, 'tree')
+        with np.load(self.data) as arrays:
+            images, labels = arrays['train_images'], arrays['train_labels']
+        per_class = [np.flatnonzero(labels == c)[:max(1, count // self.num_classes)] for c in range(self.num_classes)]
+        for split, members in (('train', np.concatenate(per_class)), ('val', [indices[0] for indices in per_class])):
+            for index in members:
+                folder = os.path.join(root, split, f'class_{labels[index]:02d}')
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(images[index]).save(os.path.join(folder, f'{index}.png'))
+        return root, sum(len(indices) for indices in per_class)
+
     def matrix(self) -> None:
         self.clock.part(self.args.budget)
         done = {(r.get('method'), r.get('batch'), r.get('variant')) for r in self.results}
@@ -375,7 +437,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     bench = Bench(args)
     try:
-        for part in (bench.goals, bench.training, bench.matrix):
+        for part in (bench.goals, bench.training, bench.streamed, bench.matrix):
             part()
     finally:  # the runs' checkpoints and the teacher cache are scratch
         shutil.rmtree(bench.work, ignore_errors=True)

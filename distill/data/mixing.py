@@ -56,7 +56,7 @@ class BatchMixer:
 
 class BatchEraser:
     """timm's ``RandomErasing`` of each image of a batch (its draws from Python's ``random`` and, in pixel mode, the
-    device's generator, both seeded)."""
+    device's generator, both seeded), in place as in timm: the loaders make a batch's images afresh."""
 
     def __init__(self, cfg: DataConfig, device: torch.device):
         from timm.data.random_erasing import RandomErasing
@@ -64,10 +64,9 @@ class BatchEraser:
         self.erase = RandomErasing(probability=cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
 
     def __call__(self, batch: Batch, seed: int) -> Batch:
-        images = batch.images.clone()
-        with seeded(seed, images.device):
-            self.erase(images)
-        return batch._replace(images=images)
+        with seeded(seed, batch.images.device):
+            self.erase(batch.images)
+        return batch
 
 
 class BatchAugment:

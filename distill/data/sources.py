@@ -1,11 +1,12 @@
 """Where images come from: CIFAR-10/100 (torchvision), any ImageFolder tree (decoded once, cached as uint8 under
 ``~/.cache/distill`` or ``$DISTILL_CACHE``), a ``.npz`` file of uint8 arrays and scikit-learn's bundled digits, each
-as an ``ImageSplit`` held in memory, optionally reduced to some classes or a number of images per class."""
+as an ``ImageSplit`` held in memory, optionally reduced to some classes or a number of images per class; and
+``link_subset``: a smaller ImageFolder tree of links, for streamed runs on part of a tree."""
 import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -208,3 +209,20 @@ def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
 def channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     pixels = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
     return pixels.mean(1), pixels.std(1)
+
+
+def link_subset(source: str, target: str, per_class: Dict[str, int]) -> str:
+    """``target/<split>/<class>/`` holding links to the first ``per_class[split]`` images (sorted by name) of each
+    class of the ImageFolder root ``source`` (a streamed run on part of a tree; links already there are kept)."""
+    for split, count in per_class.items():
+        if not os.path.isdir(os.path.join(source, split)):
+            raise DistillError(f"image folder not found: {os.path.join(source, split)}; point it at an ImageFolder "
+                               f"root holding {'/, '.join(per_class)}/")
+        for name in sorted(os.listdir(os.path.join(source, split))):
+            folder = os.path.join(target, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for image in sorted(os.listdir(os.path.join(source, split, name)))[:count]:
+                link = os.path.join(folder, image)
+                if not os.path.lexists(link):
+                    os.symlink(os.path.abspath(os.path.join(source, split, name, image)), link)
+    return target

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from distill.config import from_dict
+from distill.data.sources import link_subset
 from distill.pipeline import ensure_trained
 from distill.run_dir import RunDir
 
@@ -26,19 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common import experiment_parser, mean_std  # noqa: E402
 
 TEACHER, STUDENT = 'cifar_resnet20', 'cifar_resnet8'
-
-
-def link_tree(source: str, target: str, per_class: dict) -> str:
-    """``target/{train,test}/<class>/`` holding links to the first images of each class of ``source``."""
-    for split, count in per_class.items():
-        for name in sorted(os.listdir(os.path.join(source, split))):
-            folder = os.path.join(target, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for image in sorted(os.listdir(os.path.join(source, split, name)))[:count]:
-                link = os.path.join(folder, image)
-                if not os.path.lexists(link):
-                    os.symlink(os.path.abspath(os.path.join(source, split, name, image)), link)
-    return target
 
 
 def config(args, run_name, seed, data, epochs, lr, **sections):
@@ -62,7 +50,7 @@ def main():
     parser.add_argument('--epochs', type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    root = link_tree(args.data, os.path.join(args.output, 'data'), {'train': args.per_class,
+    root = link_subset(args.data, os.path.join(args.output, 'data'), {'train': args.per_class,
                                                                     'test': args.test_per_class})
     teacher_cfg = config(args, 'teacher', 0, {'name': 'imagefolder', 'root': root, 'image_size': 32}, 30, 0.1,
                          student={'name': TEACHER})
