@@ -126,7 +126,8 @@ def open_replay(root: str, key: Dict[str, Any], epochs: int) -> Recording:
                 other = json.load(f)['key']
             others.append([name for name in sorted(set(key) | set(other)) if key.get(name) != other.get(name)])
         nearest = min(others, key=len, default=None)
-        hint = f" (the nearest one differs in {', '.join(nearest)})" if nearest else ''
+        hint = " (the nearest one was made by another distill version, whose images or files differ)" \
+            if nearest == ['version'] else f" (the nearest one differs in {', '.join(nearest)})" if nearest else ''
         raise DistillError(f"no recording of this teacher, data and augmentation under {root}{hint}; record one "
                            f"with teacher_cache.mode=record, or point teacher_cache.dir at it")
     recording = Recording(folder, key)

@@ -1,6 +1,7 @@
 """teacher_cache.mode record / replay on a streamed ImageFolder run (distill/teacher_record.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,15 @@ def test_replay_refuses_missing_epochs_other_weights_data_or_augmentation_a_corr
         Trainer(run_config(tmp_path, setup, 'memory', 'replay', in_memory=True, augment='crop_flip',
                            auto_augment=None), quiet=True)
     replay = Trainer(run_config(tmp_path, setup, 'replay', 'replay'), quiet=True)
+    older = tmp_path / 'older'  # the recording as an older distill's key would file it
+    shutil.copytree(replay.distiller.teacher.recording.folder, older / 'recording')
+    meta = json.load(open(older / 'recording' / 'meta.json'))
+    meta['key']['version'] = 1
+    json.dump(meta, open(older / 'recording' / 'meta.json', 'w'))
+    older_config = config_dict(tmp_path, setup, 'older', 'replay')
+    older_config['teacher_cache']['dir'] = str(older)
+    with pytest.raises(DistillError, match=r'\(the nearest one was made by another distill version'):
+        Trainer(from_dict(older_config), quiet=True)
     shard = os.path.join(replay.distiller.teacher.recording.folder, 'epoch_0001.safetensors')
     payload = bytearray(open(shard, 'rb').read())
     payload[-1] ^= 0xFF
