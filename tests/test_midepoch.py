@@ -27,6 +27,16 @@ def teacher_weights(path, num_classes):
     return str(path)
 
 
+@pytest.fixture
+def default_signal_handlers():
+    """Python's own SIGINT and SIGTERM handling, also where the test runner was started ignoring them (``nohup``,
+    a background job): a stop request is listened for only where those are in place."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGTERM, previous[1])
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
         return strip_times([json.loads(line) for line in f])
@@ -101,7 +111,8 @@ def test_a_recording_run_killed_inside_an_epoch_resumes_to_the_same_student_and_
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_ends_the_same(tmp_path, signum):
+def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_ends_the_same(tmp_path, signum,
+                                                                                             default_signal_handlers):
     """In-memory digits with crop views and a live KD teacher: SIGTERM (torchrun, SLURM) or SIGINT (Ctrl-C,
     distill grid's requeue) during the 5th step of epoch 2 stops the run after that step with a checkpoint inside
     the epoch; resumed, it ends bit-equal to an uninterrupted run. The signal handlers are put back afterwards."""
@@ -137,7 +148,7 @@ def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_en
     assert_same_run(tmp_path / 'stopped', tmp_path / 'full')
 
 
-def test_a_second_signal_stops_at_once():
+def test_a_second_signal_stops_at_once(default_signal_handlers):
     stop = StopRequest()
     stop.listen()
     try:
