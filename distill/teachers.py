@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .data import Batch
+from .data import Batch, plan_batches
 from .errors import DistillError
 from .features import FeatureExtractor, TapLayer
 from .inputs import TeacherInput, teacher_input
@@ -207,11 +207,13 @@ def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loa
     root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
     if cfg.teacher_cache.mode == 'replay':
         return ReplayTeacher(model, adapter, open_replay(root, key, cfg.trainer.epochs), loader, num_classes)
-    left = len(loader.split) % cfg.data.batch_size
-    if 0 < left < loader.world_size:
-        raise DistillError(f"under torchrun the last batch of {left} images is dropped ({loader.world_size} processes),"
-                           f" but a recording holds every image; pick a data.batch_size that leaves at least "
-                           f"{loader.world_size}, or record in one process")
+    count = len(loader.split)
+    dropped = count - sum(len(batch) for batch, _, _ in plan_batches(torch.arange(count), cfg.data.batch_size, True,
+                                                                      loader.rank, loader.world_size))
+    if dropped:
+        raise DistillError(f"under torchrun the last batch of {dropped} images is dropped ({loader.world_size} "
+                           f"processes), but a recording holds every image; pick a data.batch_size that leaves at "
+                           f"least {loader.world_size}, or record in one process")
     recording = Recording(key_folder(root, key), key)
     seed = recording.meta.get('seed', cfg.trainer.seed)
     if seed != cfg.trainer.seed:

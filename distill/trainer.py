@@ -165,11 +165,17 @@ class Trainer:
     def run_pre_stage(self) -> None:
         run_pre_stage(self.distiller, self.data.train, self.runtime, self.cfg, self.logger, self.run_dir.last)
 
+    def _epoch_progress(self, epoch: int) -> EpochProgress:
+        """The progress a checkpoint inside ``epoch`` restored (taken once), else the epoch's start."""
+        progress, self.progress = self.progress, None
+        return progress if progress is not None and progress.epoch == epoch else \
+            EpochProgress(epoch, self.data.train.generator.get_state())
+
     def train_one_epoch(self, epoch: int, progress: Optional[EpochProgress] = None) -> Dict[str, float]:
         """One pass over the training split (the rest of it after ``progress``, a checkpoint inside the epoch).
         Nothing in a step waits for the device: metrics add up on it and the host looks at the loss only every
         ``check_finite_every`` steps."""
-        progress = progress or EpochProgress(epoch, self.data.train.generator.get_state())
+        progress = progress or self._epoch_progress(epoch)
         self.distiller.train()
         self.data.train.set_epoch(epoch, progress.step)
         device, accumulate, steps = self.device, self.cfg.trainer.accumulate_steps, len(self.data.train)
@@ -263,8 +269,7 @@ class Trainer:
     def _epoch(self, epoch: int) -> None:
         """Train one epoch, validate, step the schedule, checkpoint and log."""
         cfg, logger = self.cfg, self.logger
-        progress, self.progress = self.progress, None
-        progress = progress or EpochProgress(epoch, self.data.train.generator.get_state())
+        progress = self._epoch_progress(epoch)
         progress.started = time.perf_counter()
         if self.freezer is not None:
             self.freezer.apply(epoch)

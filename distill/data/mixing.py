@@ -60,7 +60,6 @@ class BatchEraser:
 
     def __init__(self, cfg: DataConfig, device: torch.device):
         from timm.data.random_erasing import RandomErasing
-        self.device = device
         self.erase = RandomErasing(probability=cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
 
     def __call__(self, batch: Batch, seed: int) -> Batch:
