@@ -22,6 +22,9 @@ def _eval(args: argparse.Namespace) -> None:
     from .config import ModelConfig, from_dict
     from .data import build_eval_loader
     from .models.factory import create_model
+    run_last = os.path.join(args.checkpoint, 'checkpoints', 'last.pt')
+    if os.path.isfile(run_last):  # a run directory: its final student (best.pt was picked on the same split)
+        args.checkpoint = run_last
     if os.path.isdir(args.checkpoint):
         return _eval_folder(args)
     if not os.path.isfile(args.checkpoint):
@@ -32,14 +35,17 @@ def _eval(args: argparse.Namespace) -> None:
             checkpoint = load_checkpoint(args.checkpoint)
         except NotACheckpoint:  # plain weights: load_weights below reads them
             pass
-    cfg = from_dict(checkpoint['config']) if checkpoint and 'config' in checkpoint else None
+    # a run's checkpoint carries its recipe (unchecked: rules added since must not lock an old run out of eval)
+    cfg = from_dict(checkpoint['config'], validate=False) if checkpoint and 'config' in checkpoint else None
     data_cfg = _data_config(args, cfg.data if cfg else None)
     model_name = args.model or (cfg.student.name if cfg else None)
     if model_name is None:
         raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
     stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
     loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
-    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint), len(loader.split.classes), 'model')
+    kwargs = cfg.student.kwargs if cfg and model_name == cfg.student.name else {}  # e.g. a ViT's img_size
+    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint, kwargs=kwargs),
+                         len(loader.split.classes), 'model')
     _report(args, model_name, model, loader, data_cfg)
 
 
@@ -67,12 +73,33 @@ def _eval_folder(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, name: str, model, loader, data_cfg) -> None:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, predict
     from .runtime import resolve_device
     device = resolve_device(args.device)
+    if args.logit_bias or args.fit_bias or args.json:
+        from .bias import bias_eval
+        fit_data = predict(model.to(device), _fit_loader(args.fit_on, data_cfg, loader), device) \
+            if args.fit_bias and args.fit_on != 'test' else None
+        bias_eval(f"{name} on {data_cfg.name}", *predict(model.to(device), loader, device), args.logit_bias,
+                  args.fit_bias, args.fit_on, fit_data, args.json)
+        return
     metrics = evaluate(model.to(device), loader, device)
     print(f"{name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
           f"top-5 {metrics['top5']:.2f}")
+
+
+def _fit_loader(fit_on: str, data_cfg, test_loader):
+    """``--fit-on train:N``: the last N images of the training split (whole: every class, the transfer set's
+    exclusions aside), normalised as the test images."""
+    import dataclasses
+    from .data import BatchLoader, ImageSplit, load_split
+    count = fit_on.partition(':')[2]
+    if not fit_on.startswith('train:') or not count.isdigit() or int(count) == 0:
+        raise DistillError(f"--fit-on {fit_on!r}: say test, or train:N (the last N training images), e.g. train:5000")
+    split = load_split(dataclasses.replace(data_cfg, include_classes=None, exclude_classes=None), train=True)
+    tail = slice(max(0, len(split) - int(count)), None)
+    return BatchLoader(ImageSplit(split.images[tail], split.labels[tail], split.classes), data_cfg.eval_batch_size,
+                       test_loader.mean, test_loader.std, False)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -92,10 +119,10 @@ def _data_config(args: argparse.Namespace, base=None):
     if args.data is not None:
         if os.path.isdir(args.data):
             data_cfg.name, data_cfg.root = 'imagefolder', args.data
-        elif args.data in ('cifar10', 'cifar100', 'digits'):
+        elif args.data in ('cifar10', 'cifar100', 'mnist', 'digits'):
             data_cfg.name = args.data
         else:
-            raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, digits")
+            raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, mnist, digits")
     if args.root:
         data_cfg.root = args.root
     return data_cfg
@@ -199,12 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--quiet', action='store_true', help='no per-epoch lines on stdout')
     train.set_defaults(func=_train)
     ev = sub.add_parser('eval', help='top-1/top-5 of a checkpoint on a validation split')
-    ev.add_argument('checkpoint', help='distill checkpoint (.pt), .safetensors, RepDistiller ckpt_epoch_240.pth, or '
-                                       'a timm model folder (a run\'s student/)')
+    ev.add_argument('checkpoint', help='a run directory (its last student), distill checkpoint (.pt), .safetensors, '
+                                       'RepDistiller ckpt_epoch_240.pth, or a timm model folder (a run\'s student/)')
     ev.add_argument('--data', help='cifar10 | cifar100 | digits | an ImageFolder directory')
     ev.add_argument('--root', help='dataset folder for cifar10/cifar100')
     ev.add_argument('--model', help='timm model name (needed when the file holds no distill config)')
     ev.add_argument('--device', default='auto')
+    bias = ev.add_mutually_exclusive_group()
+    bias.add_argument('--logit-bias', metavar='CLASSES=DELTA', help='add DELTA to these classes\' logits, e.g. 3=+3.5 '
+                                                                    'or 7,8=-7.6, and report errors per class')
+    bias.add_argument('--fit-bias', metavar='CLASSES', help='the one DELTA for these classes (e.g. 3 or 7,8) with the '
+                                                            'fewest errors on --fit-on, and the report with it')
+    ev.add_argument('--fit-on', default='test', help='test (the evaluated split, as Hinton et al. 2015) or train:N '
+                                                     '(the last N training images)')
+    ev.add_argument('--json', help='also write the report (errors, per class, DELTA) to this file')
     ev.set_defaults(func=_eval)
     demo = sub.add_parser('demo', help='teacher, baseline student and KD student on data that needs no download')
     demo.add_argument('--data', help='ImageFolder directory (default: scikit-learn digits)')

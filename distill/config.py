@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .config_checks import check_data, positive_example
 from .errors import DistillError, nearest
 from .files import atomic_write_text
 from .inputs import default_image_size
@@ -30,7 +31,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = 'cifar100'  # cifar10 | cifar100 | imagefolder | npz | digits
+    name: str = 'cifar100'  # cifar10 | cifar100 | mnist | imagefolder | npz | digits
     root: str = 'data'  # dataset folder (imagefolder: holds train/ and val/ or test/; npz: the .npz file)
     download: bool = False  # torchvision download for CIFAR (needs internet)
     image_size: int = 32  # unset in a recipe: the student's pretrained input size, else 32 (distill.inputs)
@@ -45,6 +46,8 @@ class DataConfig:
     val_per_class: Optional[int] = None
     subset_seed: Optional[int] = None  # set: *_per_class picks a random subset (this seed) instead of the first N
     classes: Optional[List[str]] = None  # keep only these classes (labels follow this order)
+    include_classes: Optional[List[Any]] = None  # training split only (a transfer set): only these classes' images
+    exclude_classes: Optional[List[Any]] = None  # training split only: none of these classes' images (Hinton's 3s)
     in_memory: bool = True  # false: stream an ImageFolder tree from disk through DataLoader workers (ImageNet)
     workers: int = 8  # streaming only: decoding processes
     reprob: float = 0.0  # > 0: timm RandomErasing of each training image with this probability (DeiT: 0.25)
@@ -89,6 +92,7 @@ class TrainerConfig:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     seed: int = 0
     grad_clip: Optional[float] = None
+    max_norm: Optional[float] = None  # after every step: each hidden unit's incoming weights to L2 norm <= this
     output_dir: str = 'runs'
     run_name: Optional[str] = None  # default: the recipe's file name
     progress: bool = True  # tqdm bars (shown only on a terminal)
@@ -133,7 +137,7 @@ class TeacherCacheConfig:
     dtype: str = 'float16'  # float16 (half the memory) | float32 (equal to the live teacher's fp32 logits)
     mode: str = 'views'  # views: the table above (in-memory data) | record | replay: a streamed run's teacher top-k
     # logits per (epoch, image), recorded once and replayed by later runs without a teacher (distill/teacher_record.py)
-    top_k: Optional[int] = 10  # record: logits kept per image (TinyViT's k); null: every class (exact replay)
+    top_k: Optional[int] = 10  # record: logits kept per image (TinyViT's k); null: every class (with float32: exact)
 
 
 @dataclass
@@ -179,7 +183,7 @@ class Config:
 
 
 CHOICES = {
-    'data.name': ('cifar10', 'cifar100', 'imagefolder', 'npz', 'digits'),
+    'data.name': ('cifar10', 'cifar100', 'mnist', 'imagefolder', 'npz', 'digits'),
     'data.augment': ('crop_flip', 'crop', 'none', 'random_resized_crop'),
     'trainer.precision': ('fp32', 'bf16', 'fp16'),
     'trainer.compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
@@ -192,7 +196,7 @@ CHOICES = {
 POSITIVE = ('data.batch_size', 'data.eval_batch_size', 'data.image_size', 'trainer.epochs', 'trainer.eval_every',
             'trainer.check_finite_every', 'optimizer.lr', 'data.train_per_class', 'data.val_per_class',
             'data.num_classes', 'transfer.head_hidden', 'transfer.backbone_lr_scale', 'transfer.layer_decay',
-            'trainer.grad_clip', 'wandb.init_timeout', 'trainer.accumulate_steps',
+            'trainer.grad_clip', 'trainer.max_norm', 'wandb.init_timeout', 'trainer.accumulate_steps',
             'teacher_cache.top_k', 'data.recount')
 NON_NEGATIVE = ('trainer.seed', 'trainer.checkpoint_every', 'optimizer.weight_decay', 'optimizer.momentum',
                 'scheduler.min_lr', 'scheduler.warmup_epochs', 'scheduler.warmup_lr', 'data.mixup', 'data.cutmix')
@@ -255,11 +259,9 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             raise DistillError(f"{key} must be one of {list(choices)}, got {value!r}{nearest(value, choices)}")
     for key in POSITIVE:
-        section, name = key.split('.')
-        value = flat[section][name]
+        value = flat[key.split('.')[0]][key.split('.')[1]]
         if value is not None and value <= 0:
-            example = f"; set e.g. {key}=64" if isinstance(value, int) else ''
-            raise DistillError(f"{key} must be > 0, got {value}{example}")
+            raise DistillError(f"{key} must be > 0, got {value}{positive_example(key)}")
     for key in NON_NEGATIVE:
         section, name = key.split('.')
         if flat[section][name] < 0:
@@ -268,15 +270,7 @@ def _validate(cfg: Config) -> None:
         for name, value in (values.items() if isinstance(values, dict) else ()):
             if isinstance(value, float) and not math.isfinite(value):
                 raise DistillError(f"{section}.{name} must be a finite number, got {value}")
-    for key in ('mean', 'std'):
-        values = getattr(cfg.data, key)
-        if values is not None and len(values) != 3:
-            raise DistillError(f"data.{key} needs 3 values (one per RGB channel), got {values}")
-    if cfg.data.augment != 'none' and cfg.data.crop_padding < 0:
-        raise DistillError(f"data.crop_padding must be >= 0, got {cfg.data.crop_padding}")
-    for key in ('mix_prob', 'mix_switch_prob', 'reprob'):
-        if not 0.0 <= getattr(cfg.data, key) <= 1.0:
-            raise DistillError(f"data.{key} must be in [0, 1], got {getattr(cfg.data, key)}")
+    check_data(cfg.data)
     if cfg.teacher_cache.mode != 'views' and not cfg.teacher_cache.enabled:
         raise DistillError(f"teacher_cache.mode={cfg.teacher_cache.mode} needs teacher_cache.enabled=true (else the "
                            f"teacher runs live); set it, or drop the mode")
@@ -294,17 +288,6 @@ def _validate(cfg: Config) -> None:
                                "rebuilt with a plain timm head); remove it")
         if cfg.teacher_finetune.epochs <= 0:
             raise DistillError(f"teacher_finetune.epochs must be > 0, got {cfg.teacher_finetune.epochs}")
-    if not cfg.data.in_memory:
-        if cfg.data.name != 'imagefolder':
-            raise DistillError(f"data.in_memory=false streams ImageFolder trees; data.name is {cfg.data.name!r} "
-                               f"(set data.name=imagefolder, or data.in_memory=true)")
-        fixed = [key for key in ('train_per_class', 'val_per_class', 'classes') if getattr(cfg.data, key) is not None]
-        if fixed:
-            raise DistillError(f"data.{fixed[0]} needs the in-memory pipeline; drop it or set data.in_memory=true")
-    elif cfg.data.augment == 'random_resized_crop' or cfg.data.auto_augment:
-        what = 'augment=random_resized_crop' if cfg.data.augment == 'random_resized_crop' else 'auto_augment'
-        raise DistillError(f"data.{what} is for streamed data (data.in_memory=false); in memory use augment "
-                           f"crop_flip, crop or none")
     if not 0.0 <= cfg.transfer.head_dropout < 1.0:
         raise DistillError(f"transfer.head_dropout must be in [0, 1), got {cfg.transfer.head_dropout}")
 

@@ -1,5 +1,5 @@
-"""Top-1 / top-5 accuracy and cross-entropy of a model over a loader."""
-from typing import Dict, Optional
+"""Top-1 / top-5 accuracy and cross-entropy of a model over a loader; its logits over a loader (``predict``)."""
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,3 +31,13 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: 
     model.train(was_training)
     correct1, correct5, loss_sum, count = context.all_sum(totals).tolist()
     return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count, 'loss': loss_sum / count}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Loader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, labels) of every image of ``loader``, on the CPU."""
+    was_training = model.training
+    model.eval()
+    outputs = [(model(batch.images.to(device)).float().cpu(), batch.labels.cpu()) for batch in loader]
+    model.train(was_training)
+    return torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])

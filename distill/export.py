@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List
 import torch.nn as nn
 
 from .errors import DistillError, first_line
-from .files import fsync_directory, space_errors
+from .files import follow_umask, fsync_directory, space_errors
 
 # pretrained_cfg fields that describe where the architecture's published weights came from (timm's default tag, its
 # licence, paper and origin); the exported weights are the run's, so these would misattribute them.
@@ -39,7 +39,7 @@ def export_data_config(data_cfg, data) -> Dict[str, Any]:
     """The preprocessing the student was trained and evaluated with (``DataConfig``, ``DataBundle``), in timm's
     ``pretrained_cfg`` terms, and the class names."""
     return {'mean': tuple(data.train.mean.flatten().tolist()), 'std': tuple(data.train.std.flatten().tolist()),
-            'input_size': (3, data_cfg.image_size, data_cfg.image_size),
+            'input_size': (data.channels, data_cfg.image_size, data_cfg.image_size),
             'crop_pct': 1.0 if data_cfg.in_memory else data_cfg.eval_crop_pct, 'label_names': list(data.classes)}
 
 
@@ -59,8 +59,10 @@ def write_timm_folder(model: nn.Module, folder: str, data_config: Dict[str, Any]
             with open(os.path.join(staging, 'README.md'), 'w') as f:
                 f.write(card)
             for name in os.listdir(staging):
+                follow_umask(os.path.join(staging, name))
                 with open(os.path.join(staging, name), 'rb') as f:
                     os.fsync(f.fileno())
+            follow_umask(staging)
             previous = folder + '.old.tmp'
             if os.path.isdir(folder):
                 os.replace(folder, previous)

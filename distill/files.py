@@ -19,7 +19,7 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = 'wb') -> No
         os.makedirs(directory, exist_ok=True)
         fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
         try:
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would ignore the user's umask
+            follow_umask(tmp_path)
             with os.fdopen(fd, mode) as f:
                 write(f)
                 f.flush()
@@ -53,6 +53,24 @@ def space_errors(path: str) -> Iterator[None]:
         raise DistillError(f"could not write {path} ({reason}: the disk is full or a file-size limit was reached); "
                            f"the files already there are intact (the last checkpoint included): free space, then "
                            f"run the same command with --resume") from None
+
+
+def check_folder_writable(path: str, what: str, fix: str) -> None:
+    """Fail in one line, creating nothing, when folder ``path`` (``what`` names it) cannot be created or written;
+    ``fix`` says the way out."""
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DistillError(f"cannot create {what} {path}: {existing} is a file; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DistillError(f"cannot write {what} {path}: {existing} is not writable; {fix}")
+
+
+def follow_umask(path: str) -> None:
+    """Give the file or folder ``path`` the mode a plain open / mkdir gives: mkstemp's 0600 and mkdtemp's 0700 (and
+    safetensors' 0600) would ignore the user's umask."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
 def _umask() -> int:
@@ -93,6 +111,8 @@ def load_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
         raise DistillError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}; fix the file") from None
     except OSError as exc:
         raise DistillError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"cannot read {what} {path}: not UTF-8 text ({exc}); fix or delete the file") from None
     if not isinstance(data, dict):
         raise DistillError(f"{what} {path} must be a mapping, got {type(data).__name__}")
     return data

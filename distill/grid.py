@@ -29,12 +29,14 @@ On SLURM, a teacher the runs train first (``teacher.recipe`` without weights) is
 that need it wait for it (``--dependency=afterok``) instead of holding GPUs while it trains.
 """
 import collections
+import contextlib
 import glob
 import os
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .config import Config, config_of, load_config
+from .config_checks import check_teacher_weights
 from .errors import DistillError, nearest
 from .files import load_yaml_mapping
 from .launch import ExecutorSpec, TrainJob, executor_spec, run_local, submit_slurm
@@ -109,15 +111,38 @@ def read_grid(grid_path: str) -> Dict[str, Any]:
 def plan(grid_path: str, grid: Optional[Dict[str, Any]] = None) -> List[Run]:
     """Every run of the grid, in order; every run's config is checked before the first one starts."""
     grid = read_grid(grid_path) if grid is None else grid
-    output_dir = _output_dir(grid)
-    runs = []
+    output_dir, seeds = _output_dir(grid), _seeds(grid_path, grid)
+    runs: Dict[str, Run] = {}  # by run directory
     for recipe, pair, method, data, default_name in _recipes(grid_path, grid):
-        for seed in grid.get('seeds') or [0]:
+        for seed in seeds:
             run_name = f"{config_of(data, default_name).trainer.run_name}-seed{seed}"
             overrides = list(grid.get('overrides') or []) + [f'trainer.seed={seed}', f'trainer.output_dir={output_dir}',
                                                              f'trainer.run_name={run_name}']
-            runs.append(Run(recipe, pair, method, overrides, config_of(data, default_name, overrides)))
-    return runs
+            run = Run(recipe, pair, method, overrides, config_of(data, default_name, overrides))
+            check_teacher_weights(run.config, f"{grid_path}: run {run_name}: ")
+            other = runs.setdefault(os.path.abspath(run.run_dir.path), run)
+            if other is not run:
+                raise DistillError(f"{grid_path}: {_source(other)} and {_source(run)} both train into "
+                                   f"{run.run_dir.path}; give each recipe its own trainer.run_name (or file name)")
+    return list(runs.values())
+
+
+def _seeds(grid_path: str, grid: Dict[str, Any]) -> List[int]:
+    seeds = grid.get('seeds') or [0]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                              for s in seeds):
+        raise DistillError(f"{grid_path}: seeds must be a list of whole numbers >= 0, e.g. seeds: [0, 1, 2]; got "
+                           f"{seeds!r}")
+    repeated = [seed for seed, count in collections.Counter(seeds).items() if count > 1]
+    if repeated:
+        raise DistillError(f"{grid_path}: seeds lists {repeated[0]} more than once: its runs would share a run "
+                           f"directory; list each seed once")
+    return seeds
+
+
+def _source(run: Run) -> str:
+    """Where a run comes from, for messages: its recipe file, or its table's pair and method."""
+    return f"{run.pair} x {run.method}" if run.pair else os.path.relpath(run.recipe)
 
 
 def teacher_runs(runs: List[Run]) -> Dict[str, Run]:
@@ -140,6 +165,8 @@ def run_grid(grid_path: str, parallel: int = 1, dry_run: bool = False, executor:
              status: bool = False) -> Dict[str, int]:
     """List every run with its state, then run (local) or submit (slurm) those neither finished nor running;
     ``status``: print the table of states instead. Every input is checked before anything is submitted."""
+    if parallel < 1:
+        raise DistillError(f"--parallel must be >= 1 (the runs at once on this machine), got {parallel}")
     grid = read_grid(grid_path)
     spec = executor_spec(grid_path, grid, executor)
     runs = plan(grid_path, grid)
@@ -174,7 +201,11 @@ def _run_here(todo: List[Run], spec: ExecutorSpec, folder: str, parallel: int, g
     env = {} if 'gpus_per_node' in spec.options else {'CUDA_VISIBLE_DEVICES': os.environ.get('CUDA_VISIBLE_DEVICES')}
     if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ:  # parallel runs share the cores, not oversubscribe
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
-    run_local([TrainJob(run.command(), run.run_dir, env) for run in todo], spec, folder, max(1, parallel))
+    try:
+        run_local([TrainJob(run.command(), run.run_dir, env) for run in todo], spec, folder, parallel)
+    finally:  # submitit's local controller also creates the folder under its literal name (.submitit/%j), empty
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
     failed = [(os.path.basename(run.run_dir.path), state) for run, state in zip(todo, _statuses(todo))
               if state.state != FINISHED]
     if failed:

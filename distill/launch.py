@@ -173,10 +173,21 @@ class TrainJob(submitit.helpers.Checkpointable):
 def _child_signals(preemption: signal.Signals) -> None:
     """In the child, before it runs distill: SLURM sends the preemption signal to every process of the job, and the
     task answers it (the child would die of it); Ctrl-C (SIGINT) stops the child cleanly, also where the job's
-    processes do not take it (``_training_takes_ctrl_c``, or a background shell)."""
+    processes do not take it (``_training_takes_ctrl_c``, or a background shell); the child dies with the job."""
     signal.signal(preemption, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when the job process dies, even by SIGKILL (an orphan would go on writing the run
+    while a rerun of the grid starts a second trainer on it). Every file of a run is written atomically, so the
+    rerun resumes from the last checkpoint."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @contextlib.contextmanager

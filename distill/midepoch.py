@@ -26,20 +26,23 @@ import torch
 @dataclass
 class EpochProgress:
     """How far an epoch got: ``step`` batches done, the metric ``sums`` (on the host), the seconds spent before
-    this process took over (``elapsed``), the teacher's epoch work, and the data generator's state at its start."""
+    this process took over (``elapsed``), the teacher's epoch work, the data generator's state at its start and the
+    learning rate at its start (what the epoch's metrics report, whatever the schedule did since)."""
     epoch: int
     generator_state: torch.Tensor
     step: int = 0
     sums: Optional[torch.Tensor] = None
     elapsed: float = 0.0
     teacher: Dict[str, torch.Tensor] = field(default_factory=dict)
+    lr: Optional[float] = None
     started: float = field(default_factory=time.perf_counter)
 
     def seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
 
     def state(self) -> Dict[str, Any]:
-        return {'step': self.step, 'sums': self.sums, 'elapsed': self.seconds(), 'teacher': self.teacher}
+        return {'step': self.step, 'sums': self.sums, 'elapsed': self.seconds(), 'teacher': self.teacher,
+                'lr': self.lr}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Dict[str, Any]) -> Optional['EpochProgress']:
@@ -48,7 +51,7 @@ class EpochProgress:
         if state is None:
             return None
         return cls(checkpoint['epoch'], checkpoint['data_generator'], state['step'], state['sums'],
-                   state['elapsed'], state['teacher'])
+                   state['elapsed'], state['teacher'], state.get('lr'))
 
 
 class StopRequest:

@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, Iterator, Tuple
 
 from .config import Config, ModelConfig, from_dict, load_config, to_dict
+from .config_checks import check_teacher_weights
 from .errors import DistillError
 from .run_dir import FINISHED, INTERRUPTED, RunDir
 from .trainer import Trainer
@@ -67,6 +68,7 @@ def ensure_trained(cfg: Config, what: str, quiet: bool = False) -> str:
 
 def run(cfg: Config, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Train ``cfg``, after training its teacher where the recipe says so (or reusing that stage's result)."""
+    check_teacher_weights(cfg)
     if cfg.teacher_finetune is not None:
         first, second = stage_configs(cfg)
         ensure_trained(first, 'teacher fine-tuning', quiet)

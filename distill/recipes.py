@@ -64,7 +64,8 @@ def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``a.b=value`` strings (values parsed as YAML: 2, 0.1, true, null, [1, 2])."""
+    """Apply ``a.b=value`` strings (values parsed as YAML: 2, 0.1, true, null, [1, 2]; ``name:`` is a string,
+    a mapping is written in braces)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if '=' not in item:
@@ -74,6 +75,8 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict) and list(value.values()) == [None] and not raw.lstrip().startswith('{'):
+            value = raw  # student.name=hf-hub: is that name, not YAML's one-key mapping {'hf-hub': None}
         keys = path.split('.')
         node = data
         for key in keys[:-1]:

@@ -8,11 +8,14 @@ logger ask here).
         checkpoints/best.pt        the best validated epoch
         metrics.jsonl, log.txt     one line per epoch; the log
         summary.json               written last: the run finished
+        trainer.lock               held (flock) by the one trainer writing the run
         student_{last,best}.safetensors   the deployable student
         student/                   the best student as a timm model folder (config.json, model.safetensors)
 """
+import fcntl
 import json
 import os
+import socket
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -21,7 +24,7 @@ import torch.nn as nn
 from .checkpoint import deployed_weights, load_checkpoint
 from .config import Config, from_dict, to_dict
 from .errors import DistillError
-from .files import atomic_write, load_yaml_mapping
+from .files import atomic_write, check_folder_writable, load_yaml_mapping
 
 # Settings that may change between a run and its resumption without changing what is computed (the run's name
 # and folder say where it is, not what it computes: a moved or renamed run resumes; so does teacher.recipe, the
@@ -53,6 +56,34 @@ def with_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
         return config
 
 
+class RunLock:
+    """The run directory's one writer: an exclusive ``flock`` on ``trainer.lock``, taken before the trainer writes
+    anything else and released by the kernel when its process ends, however it ends (no stale lock after a kill).
+    The file names the holder, for the refusal a second trainer gets."""
+
+    def __init__(self, path: str):
+        self.handle = open(path, 'a+')
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: by another live trainer
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or 'another process'
+            self.handle.close()
+            folder = os.path.dirname(path)
+            raise DistillError(f"run directory {folder} is being written by a running trainer ({holder}); wait for "
+                               f"it to end, stop it (kill -TERM: it checkpoints, then resume), or pick another "
+                               f"trainer.run_name") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
 class RunDir:
     def __init__(self, output_dir: str, run_name: Optional[str]):
         self.path = os.path.join(os.path.expanduser(output_dir), run_name or 'run')
@@ -67,6 +98,11 @@ class RunDir:
     @classmethod
     def of(cls, cfg: Config) -> 'RunDir':
         return cls(cfg.trainer.output_dir, cfg.trainer.run_name)
+
+    def lock(self) -> RunLock:
+        """Hold the run for this process (``RunLock``); a run another live trainer holds is refused in one line."""
+        os.makedirs(self.path, exist_ok=True)
+        return RunLock(os.path.join(self.path, 'trainer.lock'))
 
     @property
     def student_folder(self) -> str:
@@ -109,15 +145,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """Fail in one line, creating nothing, when the run directory cannot be created or written."""
-        existing = os.path.abspath(self.path)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise DistillError(f"cannot create run directory {self.path}: {existing} is a file; set "
-                               f"trainer.output_dir to a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise DistillError(f"cannot write run directory {self.path}: {existing} is not writable; set "
-                               f"trainer.output_dir to a writable folder")
+        check_folder_writable(self.path, 'run directory', 'set trainer.output_dir to a writable folder')
 
     def remove_temporaries(self) -> None:
         """Delete the ``*.tmp`` files a kill during an atomic write leaves behind (never the files themselves)."""

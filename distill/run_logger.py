@@ -85,7 +85,14 @@ class RunLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def info(self, message: str) -> None:
-        if not self.quiet:
+        self._line(message, shown=not self.quiet)
+
+    def notice(self, message: str) -> None:
+        """A line shown even with --quiet (where a stopped run stands, how to resume it)."""
+        self._line(message, shown=True)
+
+    def _line(self, message: str, shown: bool) -> None:
+        if shown:
             print(message, flush=True)
         with space_errors(self.run_dir.log):
             self.log_file.write(message + '\n')
@@ -133,6 +140,9 @@ class NullLogger:
     wandb_id = None
 
     def info(self, message: str) -> None:
+        pass
+
+    def notice(self, message: str) -> None:
         pass
 
     def rewrite_history(self, history: List[Dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""One optimisation step: forward under autocast, scaled backward, gradient clipping, the optimizer step, with
+"""One optimisation step: forward under autocast, scaled backward, gradient clipping, the optimizer step (and a
+max-norm weight constraint after it), with
 gradient accumulation (``trainer.accumulate_steps``), and the student's exponential moving average (``ema``); and
 RepDistiller's pre-stage (``run_pre_stage``), which trains its modules with the same steps.
 
@@ -11,7 +12,7 @@ the intermediate backwards skip DDP's all-reduce (``no_sync``). With one step pe
 those runs compute exactly what they did before accumulation existed.
 """
 import contextlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,9 @@ class Stepper:
 
     def __init__(self, runtime, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  parameters: List[nn.Parameter], grad_clip: Optional[float], accumulate_steps: int = 1,
-                 reduce_grads: bool = False):
+                 reduce_grads: bool = False, constraint: Optional[Callable[[], None]] = None):
         self.runtime, self.optimizer, self.scaler, self.parameters = runtime, optimizer, scaler, parameters
+        self.constraint = constraint  # applied to the weights after every optimizer step
         self.grad_clip, self.accumulate_steps, self.reduce_grads = grad_clip, accumulate_steps, reduce_grads
         self.group_samples = 0.0  # global samples whose loss sums the gradients hold
 
@@ -64,12 +66,32 @@ class Stepper:
             nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.constraint is not None:
+            self.constraint()
         return out
 
     @staticmethod
     def _no_sync(forward):
         module = getattr(forward, 'module', forward)  # CompiledForward holds the step's module
         return module.no_sync() if hasattr(module, 'no_sync') else contextlib.nullcontext()
+
+
+def max_norm_constraint(model: nn.Module, bound: Optional[float]) -> Optional[Callable[[], None]]:
+    """``trainer.max_norm``: after each step, every unit's incoming weight vector (a row of a linear layer's weight,
+    a filter of a convolution), except the classifier's, is scaled down to L2 norm ``bound`` where it is longer
+    (Hinton et al. 2012, arXiv 1207.0580, with dropout; Srivastava et al. 2014, JMLR, §5.1: "max-norm")."""
+    if bound is None:
+        return None
+    classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    head = set(classifier.parameters()) if isinstance(classifier, nn.Module) else set()
+    weights = [module.weight for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+               and module.weight not in head]
+
+    @torch.no_grad()
+    def constrain() -> None:
+        for weight in weights:
+            weight.renorm_(2, 0, bound)
+    return constrain
 
 
 def create_ema(student: nn.Module, cfg: EmaConfig) -> Optional[nn.Module]:

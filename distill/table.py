@@ -9,13 +9,14 @@ epoch, DKD the best), and our mean minus the paper's on that metric. A run that 
 fewer epochs than its config trains) is listed as such with its epochs, never averaged in. ``plot_table`` draws the
 finished runs as a bar chart per pair.
 """
+import contextlib
 import csv
 import glob
 import io
 import json
 import os
 import statistics
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import DistillError, nearest
 from .files import load_yaml_mapping
@@ -60,11 +61,8 @@ def _run_row(folder: str) -> Dict[str, Any]:
     summary_path, resolved_path = os.path.join(folder, 'summary.json'), os.path.join(folder, 'resolved.yaml')
     summary = None
     if os.path.isfile(summary_path):
-        try:
-            with open(summary_path) as f:
-                summary = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"cannot read {summary_path} ({exc}); delete or re-run that run") from None
+        with _readable(summary_path), open(summary_path) as f:
+            summary = json.load(f)
     resolved = load_yaml_mapping(resolved_path, 'resolved config') if os.path.isfile(resolved_path) else None
     trainer = (resolved or {}).get('trainer') or {}
     if summary is not None:
@@ -75,10 +73,21 @@ def _run_row(folder: str) -> Dict[str, Any]:
         losses, seed = resolved.get('losses', {}), trainer.get('seed')
     epochs = trainer.get('epochs') or summary['epochs']
     finished = summary is not None and summary['epochs'] >= epochs
-    done = summary['epochs'] if finished else epochs_done(RunDir(*os.path.split(folder)))
+    run_dir = RunDir(*os.path.split(folder))
+    with _readable(run_dir.metrics):
+        done = summary['epochs'] if finished else epochs_done(run_dir)
     return dict(teacher=teacher, student=student, method=method_name(losses, resolved), seed=seed,
                 finished=finished, best=summary['best_top1'] if finished else None,
                 last=summary['last_top1'] if finished else None, epochs_done=done, epochs=epochs, run=folder)
+
+
+@contextlib.contextmanager
+def _readable(path: str) -> Iterator[None]:
+    """A run file that cannot be read (damaged, not UTF-8) is one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DistillError(f"cannot read {path} ({exc}); delete or re-run that run") from None
 
 
 def load_paper(path: Optional[str]) -> Dict[str, Any]:

@@ -14,12 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .data import Batch, plan_batches
+from .data import Batch, cache_dir, plan_batches
 from .errors import DistillError
 from .features import FeatureExtractor, TapLayer
+from .files import check_folder_writable
 from .inputs import TeacherInput, teacher_input
 from .teacher_cache import TeacherCache, open_teacher_cache
-from .teacher_record import Recording, dense_logits, key_folder, open_replay, record_key
+from .teacher_record import VERSION, Recording, dense_logits, key_folder, open_replay, record_key, record_values
 
 TeacherOutputs = Tuple[torch.Tensor, Dict[TapLayer, torch.Tensor]]
 
@@ -112,8 +113,8 @@ class CachedTeacher(LogitsOnlyTeacher):
 
 
 class RecordingTeacher(LogitsOnlyTeacher):
-    """A live teacher whose top-k logits (and log-sum-exp) per image are written, with the epoch's order and seed,
-    to ``recording`` at every epoch end (``teacher_record``). Under torchrun each rank records the images of its
+    """A live teacher whose top-k logits per image (``teacher_record.record_values``) are written, with the epoch's
+    order and seed, to ``recording`` at every epoch end. Under torchrun each rank records the images of its
     part of every batch; the ranks' buffers are summed (each row is non-zero on one rank) and rank 0 writes."""
 
     def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
@@ -125,8 +126,7 @@ class RecordingTeacher(LogitsOnlyTeacher):
 
     def forward(self, batch: Batch) -> TeacherOutputs:
         logits, features = super().forward(batch)
-        scores = logits.float()
-        top = scores.topk(self.top_k, dim=1)
+        values, classes, lse = record_values(logits, self.top_k, self.dtype)
         if self.buffers is None:
             count, device = len(self.loader.split), logits.device
             index_dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
@@ -135,9 +135,9 @@ class RecordingTeacher(LogitsOnlyTeacher):
                             'lse': torch.zeros(count, device=device), 'seen': torch.zeros(count, dtype=torch.bool,
                                                                                            device=device)}
         rows = batch.indices.to(logits.device)
-        self.buffers['values'][rows] = top.values.to(self.dtype)
-        self.buffers['classes'][rows] = top.indices.to(self.buffers['classes'].dtype)
-        self.buffers['lse'][rows] = scores.logsumexp(1)
+        self.buffers['values'][rows] = values
+        self.buffers['classes'][rows] = classes.to(self.buffers['classes'].dtype)
+        self.buffers['lse'][rows] = lse
         self.buffers['seen'][rows] = True
         return logits, features
 
@@ -167,9 +167,15 @@ class RecordingTeacher(LogitsOnlyTeacher):
     def epoch_state(self) -> Dict[str, torch.Tensor]:
         """The epoch's top-k buffers so far (every rank's; rank 0 writes the checkpoint): a run resumed inside a
         recorded epoch still records all of it."""
-        return {name: tensor.cpu() for name, tensor in self._gathered().items()}
+        state = {name: tensor.cpu() for name, tensor in self._gathered().items()}
+        return {**state, 'version': torch.tensor([VERSION])} if state else state
 
     def load_epoch_state(self, state: Dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        version = state.pop('version', torch.tensor([0]))
+        if state and int(version) != VERSION:  # its buffers store values as another distill version did
+            raise DistillError("this run's checkpoint inside an epoch holds a recording by another distill version; "
+                               "finish the run with that version, or record again under another trainer.run_name")
         if self.loader.rank == 0:  # the other ranks add only what they record from here on
             self.buffers = {name: tensor.to(self.loader.device) for name, tensor in state.items()} or None
 
@@ -197,14 +203,15 @@ class ReplayTeacher(LogitsOnlyTeacher):
 def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loader, num_classes: int,
                      precision: str) -> LiveTeacher:
     """``teacher_cache.mode`` record or replay on a streamed loader (``teacher_record``)."""
-    from .data import cache_dir
+    top_k = min(cfg.teacher_cache.top_k or num_classes, num_classes)
     settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'auto_augment': cfg.data.auto_augment,
                 'image_size': cfg.data.image_size, 'crop_padding': cfg.data.crop_padding,
                 'teacher_input': adapter.describe() if adapter is not None else None, 'batch_size': cfg.data.batch_size,
                 'mixing': [cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.mix_switch_prob],
-                'erasing': [cfg.data.reprob, cfg.data.remode, cfg.data.recount]}
+                'erasing': [cfg.data.reprob, cfg.data.remode, cfg.data.recount],
+                'top_k': top_k, 'dtype': cfg.teacher_cache.dtype}
     key = record_key(model, loader, settings)
-    root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), 'teacher_records'))
+    root = cache_root(cfg, 'teacher_records', writes=cfg.teacher_cache.mode == 'record')
     if cfg.teacher_cache.mode == 'replay':
         return ReplayTeacher(model, adapter, open_replay(root, key, cfg.trainer.epochs), loader, num_classes)
     count = len(loader.split)
@@ -219,10 +226,22 @@ def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loa
     if seed != cfg.trainer.seed:
         raise DistillError(f"recording {recording.folder} was drawn with trainer.seed={seed}; record with that "
                            f"seed (its stream), or into another teacher_cache.dir")
-    top_k = min(cfg.teacher_cache.top_k or num_classes, num_classes)
+    recorded = recording.meta.get('teacher_precision', precision)
+    if recorded != precision:  # its epochs so far hold that precision's logits: meta.json describes every shard
+        raise DistillError(f"recording {recording.folder} was recorded with trainer.precision={recorded}; record "
+                           f"with that precision, or into another teacher_cache.dir")
     return RecordingTeacher(model, adapter, recording, loader, top_k, cfg.teacher_cache.dtype,
                             {'seed': seed, 'top_k': top_k, 'dtype': cfg.teacher_cache.dtype,
                              'num_classes': num_classes, 'teacher_precision': precision})
+
+
+def cache_root(cfg, default: str, writes: bool = True) -> str:
+    """``teacher_cache.dir``, or ``default`` under distill's cache folder; where the run ``writes`` there, refused
+    in one line when it cannot, before the run writes anything (a recording is written at the first epoch's end)."""
+    root = os.path.expanduser(cfg.teacher_cache.dir or os.path.join(cache_dir(), default))
+    if writes:
+        check_folder_writable(root, 'teacher cache folder', "set teacher_cache.dir to a writable folder")
+    return root
 
 
 def as_teacher(teacher: Optional[nn.Module]) -> Optional[LiveTeacher]:
@@ -281,7 +300,7 @@ def build_teacher(model: nn.Module, cfg, loader, num_classes: int, device: torch
     cache = open_teacher_cache(model if adapter is None else nn.Sequential(adapter, model), loader, num_classes,
                                settings, {'data': cfg.data.name, 'root': cfg.data.root,
                                           'teacher_checkpoint': cfg.teacher.checkpoint},
-                               cfg.teacher_cache.dir, cfg.teacher_cache.dtype, device)
+                               cache_root(cfg, 'teacher_logits'), cfg.teacher_cache.dtype, device)
     notes.append(f"teacher cache {cache.folder}: {len(loader.split)} images x {loader.num_views} views, "
                  f"{100 * cache.fill_ratio:.1f}% filled")
     return CachedTeacher(model, cache, adapter)

@@ -32,10 +32,11 @@ from .losses import Need, declared_needs
 from .midepoch import EpochProgress, StopRequest
 from .models.factory import check_input_size, check_model_config, create_model, init_from
 from .optim import check_scheduler, create_optimizer, create_scheduler
+from .run_description import describe_run
 from .run_dir import RunDir
 from .run_logger import NullLogger, RunLogger, check_wandb_reachable
 from .runtime import CompiledForward, Runtime
-from .stepping import Stepper, create_ema, run_pre_stage
+from .stepping import Stepper, create_ema, max_norm_constraint, run_pre_stage
 from .teachers import build_teacher
 from .transfer import StageFreezer, apply_lr_scales, param_groups, uses_transfer
 
@@ -71,12 +72,12 @@ class Trainer:
         student = create_model(cfg.student, self.data.num_classes, 'student', cfg.transfer, self.model_notes)
         if cfg.transfer.init_from:
             init_from(student, cfg.transfer, cfg.student.name, self.model_notes)
-        check_input_size(student, cfg.data.image_size, 'student', cfg.student.name)
+        check_input_size(student, cfg.data.image_size, 'student', cfg.student.name, self.data.channels)
         teacher = build_teacher(self._teacher_model(), cfg, self.data.train, self.data.num_classes, self.device,
                                 runtime.memory_format is not None, self.model_notes) if cfg.teacher else None
         self.freezer = StageFreezer(student, cfg.transfer) if uses_transfer(cfg.transfer) else None
-        self.distiller = runtime.place(Distiller(teacher, student, cfg.losses,
-                                                 input_size=(3, cfg.data.image_size, cfg.data.image_size),
+        input_size = (self.data.channels, cfg.data.image_size, cfg.data.image_size)
+        self.distiller = runtime.place(Distiller(teacher, student, cfg.losses, input_size=input_size,
                                                  train_targets=self.data.train.split.labels, freezer=self.freezer))
         if self.freezer is not None:
             self.freezer.apply(0)
@@ -99,12 +100,14 @@ class Trainer:
             apply_lr_scales(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == 'fp16')
         self.stepper = Stepper(runtime, self.optimizer, self.scaler, list(self.trainable.parameters()),
-                               cfg.trainer.grad_clip, accumulate)
+                               cfg.trainer.grad_clip, accumulate, constraint=max_norm_constraint(student,
+                                                                                                 cfg.trainer.max_norm))
 
         self.start_epoch, self.num_updates, self.history = 0, 0, []
         self.best_top1, self.best_epoch, self.teacher_metrics = -1.0, 0, None
         self.progress: Optional[EpochProgress] = None  # of the epoch a checkpoint inside it stopped
         self.stop = StopRequest()
+        self.lock = self.run_dir.lock() if self.dist.is_main else None  # one trainer per run, before any write
         if self.dist.is_main:
             os.makedirs(self.run_dir.checkpoints, exist_ok=True)
             self.run_dir.remove_temporaries()
@@ -120,7 +123,7 @@ class Trainer:
     def _teacher_model(self) -> nn.Module:
         model = create_model(self.cfg.teacher, self.data.num_classes, 'teacher')
         size = expected_size(model, self.cfg.teacher.pretrained, self.cfg.data.image_size)
-        check_input_size(model, size, 'teacher', self.cfg.teacher.name)
+        check_input_size(model, size, 'teacher', self.cfg.teacher.name, self.data.channels)
         return model
 
     def _state(self, epoch: int, progress: Optional[EpochProgress] = None) -> Dict[str, Any]:
@@ -225,7 +228,8 @@ class Trainer:
             if self.teacher_metrics is None and self.distiller.teacher is not None:
                 self.teacher_metrics = self._evaluate(self.distiller.teacher.classifier())
                 logger.info(f"teacher {cfg.teacher.name}: val top-1 {self.teacher_metrics['top1']:.2f}")
-            self._describe()
+            for line in describe_run(self):
+                logger.info(line)
             if self.start_epoch == 0 and self.progress is None:
                 self.run_pre_stage()
             for epoch in range(self.start_epoch, cfg.trainer.epochs):
@@ -242,6 +246,8 @@ class Trainer:
         finally:
             self.stop.restore()
             logger.finish(self._summary() if completed else None)
+            if self.lock is not None:
+                self.lock.release()
 
     def _checkpoint_inside(self, progress: EpochProgress, step: int, sums: torch.Tensor, guard: FiniteGuard,
                            every: int) -> None:
@@ -263,7 +269,7 @@ class Trainer:
 
     def _stopped(self, where: str) -> None:
         asked = self.stop.received.name if self.stop.received else 'another rank'
-        self.logger.info(f"stopped ({asked}): {self.run_dir.last} holds the run {where}; resume with --resume")
+        self.logger.notice(f"stopped ({asked}): {self.run_dir.last} holds the run {where}; resume with --resume")
         raise KeyboardInterrupt
 
     def _epoch(self, epoch: int) -> None:
@@ -277,7 +283,9 @@ class Trainer:
                 logger.info(f"epoch {epoch + 1}: unfrozen down to {self.freezer.frozen_groups(epoch)} frozen layer "
                             f"groups")
         group = self.optimizer.param_groups[0]  # the recipe's lr: groups may carry a transfer lr_scale
-        lr = group['lr'] / group.get('lr_scale', 1.0)
+        if progress.lr is None:  # a resume inside the epoch keeps the lr its start had
+            progress.lr = group['lr'] / group.get('lr_scale', 1.0)
+        lr = progress.lr
         record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, **self.train_one_epoch(epoch, progress)}
         evaluated = (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
         if evaluated:  # with an EMA, the averaged student is the one evaluated, kept as best and exported
@@ -306,27 +314,6 @@ class Trainer:
     def _evaluate(self, model: nn.Module) -> Dict[str, float]:
         return self.forward.run(evaluate, model, self.data.val, self.device, self.runtime.amp_dtype, self.dist,
                                 self.runtime.memory_format)
-
-    def _describe(self) -> None:
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-        teacher = (f"teacher {self.cfg.teacher.name} ({count(self.distiller.teacher):,} params, frozen) -> "
-                   if self.distiller.teacher is not None else "")
-        self.logger.info(f"{teacher}student {self.cfg.student.name} ({count(self.distiller.student):,} params); "
-                         f"losses {self.distiller.loss_weights}; {len(self.data.train.split)} train / "
-                         f"{len(self.data.val.split)} val images, {self.data.num_classes} classes; device "
-                         f"{self.device}{f' x {self.dist.world_size} processes' if self.dist.enabled else ''}, "
-                         f"{self.cfg.trainer.precision}{', channels_last' if self.runtime.memory_format else ''}"
-                         f"{', compiled' if self.forward.active else ''}")
-        for note in self.model_notes:
-            self.logger.info(note)
-        if self.freezer is not None:
-            transfer = self.cfg.transfer
-            self.logger.info(f"transfer: freeze {transfer.freeze} (frozen_stages {transfer.frozen_stages}, unfreeze "
-                             f"every {transfer.unfreeze_every or 'never'}), backbone lr x{transfer.backbone_lr_scale}"
-                             f", layer decay {transfer.layer_decay}; parameters at epoch {self.start_epoch + 1}:")
-            self.freezer.apply(self.start_epoch)
-            for line in self.freezer.describe():
-                self.logger.info(f"  {line}")
 
     def _summary(self) -> Dict[str, Any]:
         last = self.history[-1] if self.history else {}

@@ -63,6 +63,15 @@ def _expect_error(capsys, argv, fragment):
     return err
 
 
+@pytest.fixture(scope='module')
+def teacher_checkpoint(tmp_path_factory):
+    """A cifar_resnet8x4 teacher for the digits' 10 classes (its weights do not matter to these checks, but a recipe
+    needs some: a teacher without weights is refused)."""
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.save(timm.create_model('cifar_resnet8x4', num_classes=10).state_dict(), path)
+    return str(path)
+
+
 @pytest.mark.parametrize('overrides, fragment', [
     (['losses.fitnet.student_layer=9'], 'feature tap 9 is out of range: CifarResNet has 4 stages'),
     (['losses.fitnet.student_layer=layer7'], "feature tap 'layer7' is not a module of CifarResNet (did you mean 'layer3'?)"),
@@ -72,9 +81,10 @@ def _expect_error(capsys, argv, fragment):
     (['losses.dkd.temprature=4'], "unknown option losses.dkd.temprature (did you mean 'temperature'?)"),
     (['losses.fitnet.weight=abc'], "losses.fitnet: weight must be a number, got 'abc'"),
 ])
-def test_bad_method_options(tmp_path, capsys, overrides, fragment):
+def test_bad_method_options(tmp_path, capsys, teacher_checkpoint, overrides, fragment):
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
-    _expect_error(capsys, ['train', recipe, 'teacher.name=cifar_resnet8x4', *overrides], fragment)
+    _expect_error(capsys, ['train', recipe, 'teacher.name=cifar_resnet8x4', f'teacher.checkpoint={teacher_checkpoint}',
+                           *overrides], fragment)
     assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').rglob('*.pt'))
 
 
@@ -112,9 +122,27 @@ def test_methods_lists_every_registered_method(capsys):
     (['optimizer.lr=inf'], 'optimizer.lr must be a finite number, got inf'),
     (['trainer.seed=-1'], 'trainer.seed must be >= 0, got -1'),
     (['trainer.device=mps'], 'trainer.device=mps is not available on this machine'),
-    (['data.mean=[0.5, 0.5]', 'data.std=[0.5, 0.5]'], 'data.mean needs 3 values (one per RGB channel)'),
+    (['data.mean=[0.5, 0.5]', 'data.std=[0.5, 0.5]'], 'data.mean needs one value per image channel (3 for RGB, 1 for grey)'),
     (['student.name=vit_tiny_patch16_224', 'data.image_size=32'],
      'student vit_tiny_patch16_224 cannot take 32x32 images (AssertionError'),
+    (['teacher.name=cifar_resnet8x4', 'losses.kd=0.9'], 'teacher cifar_resnet8x4 has no weights (no '
+     'teacher.checkpoint, teacher.pretrained=false, no teacher.recipe): it would be a random teacher; set '
+     "teacher.checkpoint=<weights file>, teacher.pretrained=true (the name's own weights) or teacher.recipe=<recipe "
+     "that trains it>"),
+    (['teacher.name=hf-hub:timm/resnet18.a1_in1k', 'losses.kd=0.9'], 'teacher hf-hub:timm/resnet18.a1_in1k has no '
+     'weights'),
+    (['teacher.name=local-dir:/some/folder', 'losses.kd=0.9'], 'teacher local-dir:/some/folder has no weights'),
+    (['student.name=hf-hub:'], "student.name 'hf-hub:': Model name 'hf-hub:' has no model id"),  # not a mapping
+    (['trainer.accumulate_steps=0'], 'trainer.accumulate_steps must be > 0, got 0; set e.g. '
+     'trainer.accumulate_steps=1 (no accumulation)'),
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.auto_augment=rand-zz'],
+     "data.auto_augment='rand-zz': section 'zz' is not an option of RandAugment; RandAugment's sections are m<int>, "
+     "n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>, t<weights|3aw|3a> (e.g. rand-m9-mstd0.5-inc1)"),
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.auto_augment=rand-m9-mstd0.5-incl'],
+     "section 'incl' is not an option of RandAugment (did you mean 'inc'?)"),
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.workers=-1'], 'data.workers must be >= 0, got -1'),
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.eval_crop_pct=0'],
+     'data.eval_crop_pct must be in (0, 1], got 0.0'),
 ])
 def test_bad_train_inputs(tmp_path, capsys, overrides, fragment):
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1))
@@ -126,6 +154,76 @@ def test_an_output_dir_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / 'file').write_text('not a folder')
     recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'file' / 'runs', epochs=1))
     _expect_error(capsys, ['train', recipe], f"{tmp_path / 'file'} is a file; set trainer.output_dir")
+
+
+def kd_recipe(tmp_path, num_classes, **sections):
+    """A 1-epoch KD recipe on digits (or ``sections``' data) from a random cifar_resnet8x4 saved as a checkpoint."""
+    teacher = tmp_path / 'teacher.pth'
+    torch.save(timm.create_model('cifar_resnet8x4', num_classes=num_classes).state_dict(), teacher)
+    return write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1, losses={'ce': 0.1, 'kd': 0.9},
+                                                           teacher={'name': 'cifar_resnet8x4',
+                                                                    'checkpoint': str(teacher)}, **sections))
+
+
+@pytest.mark.parametrize('mode', ['views', 'record'])
+def test_a_teacher_cache_dir_under_a_file_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, mode):
+    """The logits table (in-memory views) and a recording (streamed, written at the first epoch's end): both
+    refused before the run starts."""
+    from helpers import image_folder
+    monkeypatch.setenv('DISTILL_CACHE', str(tmp_path / 'cache'))
+    (tmp_path / 'file').write_text('not a folder')
+    streamed = {'name': 'imagefolder', 'root': image_folder(tmp_path / 'images', per_class=4), 'in_memory': False,
+                'workers': 0, 'image_size': 32, 'augment': 'random_resized_crop'}
+    recipe = kd_recipe(tmp_path, 3 if mode == 'record' else 10, data=streamed if mode == 'record' else {},
+                       teacher_cache={'enabled': True, 'mode': mode, 'dir': str(tmp_path / 'file' / 'sub')})
+    folder = tmp_path / 'file'
+    _expect_error(capsys, ['train', recipe], f"cannot create teacher cache folder {folder / 'sub'}: {folder} is a "
+                                             f"file; set teacher_cache.dir to a writable folder")
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('overrides, line', [
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.workers=-1'],
+     'data.workers must be >= 0, got -1 (the decoding processes of streamed data; 0 decodes in the training process)'),
+    (['data.in_memory=false', 'data.name=imagefolder', 'data.eval_crop_pct=0'],
+     "data.eval_crop_pct must be in (0, 1], got 0.0 (the centre crop's share of the resized validation image; timm's "
+     "default 0.875)"),
+    (['teacher_cache.enabled=true', 'teacher_cache.dir={tmp}/file/sub'],
+     'cannot create teacher cache folder {tmp}/file/sub: {tmp}/file is a file; set teacher_cache.dir to a writable '
+     'folder'),
+])
+def test_bad_inputs_in_a_real_process_are_one_line_and_write_nothing(tmp_path, overrides, line):
+    (tmp_path / 'file').write_text('not a folder')
+    recipe = kd_recipe(tmp_path, 10)
+    result = subprocess.run([sys.executable, '-m', 'distill', 'train', recipe,
+                             *(item.format(tmp=tmp_path) for item in overrides)], cwd=REPO, capture_output=True,
+                            text=True, env=dict(os.environ, DISTILL_CACHE=str(tmp_path / 'cache')))
+    expected = [f"distill: error: {line.format(tmp=tmp_path)}"]
+    assert (result.returncode, result.stderr.strip().splitlines()) == (2, expected)
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o002])
+def test_eval_rebuilds_the_student_of_its_recipe_and_the_export_follows_the_umask(tmp_path, capsys, umask):
+    """A ViT trained with student.kwargs (a 32 px input, 4 px patches) is evaluated from its checkpoint with those
+    kwargs; the exported student/ folder and its files get the modes the user's umask gives."""
+    student = {'name': 'vit_tiny_patch16_224', 'kwargs': {'img_size': 32, 'patch_size': 4, 'depth': 1}}
+    recipe = write_recipe(tmp_path / 'r.yaml', digits_config(tmp_path / 'runs', epochs=1, student=student, data={
+        'image_size': 32, 'train_per_class': 5, 'val_per_class': 5}))
+    previous = os.umask(umask)
+    try:
+        assert main(['train', recipe, '--quiet']) == 0
+    finally:
+        os.umask(previous)
+    run = tmp_path / 'runs' / 'run'
+    assert oct((run / 'student').stat().st_mode & 0o777) == oct(0o777 & ~umask)
+    for path in (run / 'student').iterdir():
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path
+    best = json.load(open(run / 'summary.json'))['best_top1']
+    capsys.readouterr()
+    assert main(['eval', str(run / 'checkpoints' / 'best.pt')]) == 0
+    assert f"vit_tiny_patch16_224 on digits (50 images): top-1 {best:.2f}" in capsys.readouterr().out
 
 
 def _tree(root, files):

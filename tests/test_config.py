@@ -44,6 +44,18 @@ def test_overrides_and_base_inheritance(tmp_path):
     ('wandb.mode=offlne', "did you mean 'offline'"),
     ('scheduler.milestones=5', 'scheduler.milestones must be a list'),
     ('trainer.epochs', 'must look like section.key=value'),
+    ('data.auto_augment=randaug-m9', "'randaug' is not a timm augmentation (did you mean 'rand'?); start it with one "
+                                     "of rand, augmix, original, originalr, v0, v0r, 3a"),
+    ('data.auto_augment=rand-m9.5', "section 'm9.5' needs m<int>"),
+    ('data.auto_augment=rand-inc2', "section 'inc2' needs inc<0|1>"),
+    ('data.auto_augment=rand-tfoo', "section 'tfoo' needs t<weights|3aw|3a>"),  # timm: the default set, silently
+    ('data.auto_augment=rand-m9-', "section '' is not an option of RandAugment"),
+    ('data.auto_augment=augmix-m5-inc1', "section 'inc1' is not an option of AugMix; AugMix's sections are m<int>, "
+                                         "w<int>, d<int>, a<float>, b<0|1>, mstd<float> (e.g. augmix-m5-w4-d2)"),
+    ('data.auto_augment=original-m9', "section 'm9' is not an option of AutoAugment; AutoAugment's sections are "
+                                      "mstd<float> (e.g. original-mstd0.5)"),
+    ('teacher_cache.top_k=0', "teacher_cache.top_k must be > 0, got 0; set e.g. teacher_cache.top_k=10 (TinyViT's), "
+                              "or null for every class"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, override, message):
     (tmp_path / 'r.yaml').write_text('losses: {ce: 1.0}\n')
@@ -58,3 +70,13 @@ def test_missing_and_malformed_recipes(tmp_path):
     (tmp_path / 'bad.yaml').write_text('data: [unclosed\n')
     with pytest.raises(DistillError, match='not valid YAML'):
         load_config(str(tmp_path / 'bad.yaml'))
+
+
+@pytest.mark.parametrize('config', ['rand-m9-mstd0.5-inc1', 'rand-m7-n3-p0.8-mmax12-inc0-tweights', 'rand-mstd101-t3aw',
+                                    'augmix-m5-w4-d2-a1-b1-mstd0.5', 'original-mstd0.5', 'originalr', 'v0', 'v0r',
+                                    '3a'])
+def test_the_timm_augmentation_strings_that_are_accepted_build_in_timm(config):
+    from distill.config_checks import check_auto_augment
+    from distill.data.streaming import auto_augment_transform
+    check_auto_augment(config)
+    assert auto_augment_transform(config, 32, (0.5, 0.5, 0.5)) is not None

@@ -2,12 +2,14 @@
 import json
 import os
 
+import pytest
 import yaml
 
 from distill.cli import main
 from helpers import digits_config
 
 
+@pytest.mark.slow
 def test_grid_runs_skips_finished_and_resumes_interrupted_runs(tmp_path, capsys):
     for name, augment in (('a', 'crop'), ('b', 'none')):  # two recipes (their run names: their file names)
         cfg = digits_config(tmp_path / 'unused', name, epochs=2, data={'augment': augment})
@@ -26,6 +28,7 @@ def test_grid_runs_skips_finished_and_resumes_interrupted_runs(tmp_path, capsys)
     assert states == ['new', 'interrupted', 'new', 'new']  # a-seed0, a-seed1, b-seed0, b-seed1
     assert main(['grid', str(grid), '--parallel', '2']) == 0
     runs = sorted(name for name in os.listdir(tmp_path / 'runs') if name != '.submitit')  # the jobs' logs
+    assert not (tmp_path / 'runs' / '.submitit' / '%j').exists()  # submitit's log folder pattern, never a folder
     assert runs == ['a-seed0', 'a-seed1', 'b-seed0', 'b-seed1']
     for run in runs:
         summary = json.load(open(tmp_path / 'runs' / run / 'summary.json'))
@@ -47,6 +50,31 @@ def test_grid_errors_are_one_line(tmp_path, capsys):
     assert "recipe pattern 'nothing*.yaml' matches no file" in capsys.readouterr().err
 
 
+def test_a_grid_whose_runs_would_misrun_or_collide_is_refused_before_anything_is_submitted(tmp_path, capsys):
+    cfg = digits_config(tmp_path / 'unused', epochs=1)
+    del cfg['trainer']['output_dir'], cfg['trainer']['run_name']
+    os.makedirs(tmp_path / 'other')
+    for path in ('a.yaml', 'other/a.yaml'):  # one file name: one run name
+        (tmp_path / path).write_text(yaml.safe_dump(cfg))
+    (tmp_path / 't.yaml').write_text(yaml.safe_dump({**cfg, 'teacher': {'name': 'cifar_resnet8x4'},
+                                                     'losses': {'ce': 0.1, 'kd': 0.9}}))
+    grid, runs = tmp_path / 'grid.yaml', tmp_path / 'runs'
+    for change, args, message in [
+            ({'seeds': 3}, [], 'seeds must be a list of whole numbers >= 0, e.g. seeds: [0, 1, 2]; got 3'),
+            ({'seeds': [0, 1, 0]}, [], 'seeds lists 0 more than once: its runs would share a run directory; list '
+                                       'each seed once'),
+            ({'recipes': ['a.yaml', 'other/a.yaml']}, [], f"both train into {runs / 'a-seed0'}; give each recipe "
+                                                          f"its own trainer.run_name (or file name)"),
+            ({'recipes': ['t.yaml']}, [], f"{grid}: run t-seed0: teacher cifar_resnet8x4 has no weights"),
+            ({}, ['--parallel', '0'], '--parallel must be >= 1 (the runs at once on this machine), got 0')]:
+        grid.write_text(yaml.safe_dump({'recipes': ['a.yaml'], 'output_dir': str(runs), **change}))
+        assert main(['grid', str(grid), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not runs.exists()
+
+
+@pytest.mark.slow
 def test_a_grid_over_a_pair_table_runs_pairs_x_methods_x_seeds(tmp_path, capsys):
     os.makedirs(tmp_path / 'methods')
     protocol = digits_config(tmp_path / 'unused', 'unused', epochs=1)

@@ -71,6 +71,7 @@ trainer.Trainer(load_config(sys.argv[1]), quiet=True).fit()
 """
 
 
+@pytest.mark.slow
 def test_a_recording_run_killed_inside_an_epoch_resumes_to_the_same_student_and_the_same_recording(tmp_path):
     """Streamed RandAugment images, random erasing, mixup + CutMix, EMA, 2-batch accumulation and a top-2 float16
     recording of the teacher, with ``trainer.checkpoint_every: 1``: SIGKILLed right after the checkpoint 4 of 5
@@ -110,17 +111,20 @@ def test_a_recording_run_killed_inside_an_epoch_resumes_to_the_same_student_and_
     assert len(metas) == 2 and metas[0]['epochs'] == metas[1]['epochs'] and len(metas[0]['epochs']) == 2
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum, step_on_epochs', [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_ends_the_same(tmp_path, signum,
+                                                                                             step_on_epochs,
                                                                                              default_signal_handlers):
     """In-memory digits with crop views and a live KD teacher: SIGTERM (torchrun, SLURM) or SIGINT (Ctrl-C,
     distill grid's requeue) during the 5th step of epoch 2 stops the run after that step with a checkpoint inside
-    the epoch; resumed, it ends bit-equal to an uninterrupted run. The signal handlers are put back afterwards."""
+    the epoch; resumed, it ends bit-equal to an uninterrupted run, metrics included (with a per-update schedule the
+    resumed epoch still reports its starting lr). The signal handlers are put back afterwards."""
     teacher = teacher_weights(tmp_path / 'teacher.safetensors', 10)
 
     def config(name):
         return from_dict(digits_config(tmp_path, name, epochs=2, losses={'ce': 0.1, 'kd': 0.9},
-                                       teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher}))
+                                       teacher={'name': 'cifar_resnet8x4', 'checkpoint': teacher},
+                                       scheduler={'name': 'cosine', 'step_on_epochs': step_on_epochs}))
 
     stopped = Trainer(config('stopped'), quiet=True)
     steps_per_epoch = len(stopped.data.train)
@@ -146,6 +150,24 @@ def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_en
     assert ', 5 batches into epoch 2' in open(tmp_path / 'stopped' / 'log.txt').read()
     Trainer(config('full'), quiet=True).fit()
     assert_same_run(tmp_path / 'stopped', tmp_path / 'full')
+
+
+def test_a_quiet_run_still_says_where_it_stopped(tmp_path, capsys, default_signal_handlers):
+    """--quiet drops the per-epoch lines, never the one saying where a stopped run stands and how to resume it."""
+    run = Trainer(from_dict(digits_config(tmp_path, 'quiet', epochs=1)), quiet=True)
+    calls = []
+
+    def signal_once(module, args):
+        if module.training and not calls:
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run.distiller.student.register_forward_pre_hook(signal_once)
+    with pytest.raises(KeyboardInterrupt):
+        run.fit()
+    [line] = capsys.readouterr().out.splitlines()
+    assert line == (f"stopped (SIGTERM): {tmp_path / 'quiet' / 'checkpoints' / 'last.pt'} holds the run 1 batches "
+                    f"into epoch 1; resume with --resume")
 
 
 def test_a_second_signal_stops_at_once(default_signal_handlers):

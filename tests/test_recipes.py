@@ -27,17 +27,18 @@ TABLE_RUNS = [(table, pair, method) for table in TABLES for pair in PairTable(ta
 
 
 @functools.lru_cache(maxsize=None)
-def _model(name: str, num_classes: int):
+def _model(name: str, num_classes: int, kwargs=()):
     """One instance per architecture: building a Distiller does not change the models' weights."""
-    return timm.create_model(name, num_classes=num_classes)
+    return timm.create_model(name, num_classes=num_classes, **dict(kwargs))
 
 
 def _builds(cfg):
     num_classes = cfg.data.num_classes or 10
-    assert not cfg.student.kwargs and not (cfg.teacher and cfg.teacher.kwargs)
-    student = _model(cfg.student.name, num_classes)
-    teacher = _model(cfg.teacher.name, num_classes) if cfg.teacher else None
-    distiller = Distiller(teacher, student, cfg.losses, input_size=(3, cfg.data.image_size, cfg.data.image_size),
+    student = _model(cfg.student.name, num_classes, tuple(sorted(cfg.student.kwargs.items())))
+    teacher = _model(cfg.teacher.name, num_classes, tuple(sorted(cfg.teacher.kwargs.items()))) if cfg.teacher else None
+    channels = 1 if cfg.data.name == 'mnist' else 3
+    distiller = Distiller(teacher, student, cfg.losses, input_size=(channels, cfg.data.image_size,
+                                                                    cfg.data.image_size),
                           train_targets=torch.arange(1000) % num_classes)
     assert set(distiller.loss_terms) == set(cfg.losses)
 

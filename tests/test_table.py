@@ -16,6 +16,7 @@ def write_run(root, name, teacher, student, losses, seed, best, last):
         teacher=teacher, student=student, losses=losses, seed=seed, best_top1=best, last_top1=last, epochs=240)))
 
 
+@pytest.mark.slow
 def test_table_gives_means_stds_and_deltas_against_the_paper(tmp_path, capsys):
     pair = ('cifar_resnet32x4', 'cifar_resnet8x4')
     for seed, (best, last) in enumerate([(74.0, 73.0), (75.0, 74.0), (76.0, 75.0)]):
@@ -54,6 +55,17 @@ def test_table_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(DistillError, match="cites source 'nope'"):
         from distill.table import load_paper
         load_paper(str(bad))
+
+
+@pytest.mark.parametrize('damaged', ['metrics.jsonl', 'resolved.yaml', 'summary.json'])
+def test_a_run_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys, damaged):
+    write_unfinished(tmp_path, 'kd0', 'cifar_resnet32x4', 'cifar_resnet8x4', {'ce': 0.1, 'kd': 0.9}, 0, 3,
+                     summary_epochs=3 if damaged == 'summary.json' else None)
+    (tmp_path / 'kd0' / damaged).write_bytes(b'\xff\xfe\x00garbage\n')
+    assert main(['table', str(tmp_path)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("distill: error: cannot read ") and str(tmp_path / 'kd0' / damaged) in line, line
+    assert "'utf-8' codec can't decode byte 0xff" in line and 'Traceback' not in line
 
 
 def test_transfer_runs_are_labelled_by_their_settings(tmp_path, capsys):

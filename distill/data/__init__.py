@@ -12,6 +12,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DistillError
+from ..models._base import CIFAR100_MEAN, CIFAR100_STD
+from ..models.mnist_mlp import MNIST_MEAN, MNIST_STD
 from .batching import Batch, BatchLoader, Loader, Placement, plan_batches
 from .sources import ImageSplit, cache_dir, channel_stats, load_split
 from .views import apply_views, augment_batch, draw_views, normalize, view_count
@@ -22,6 +24,8 @@ __all__ = ['Batch', 'BatchLoader', 'DataBundle', 'ImageSplit', 'Loader', 'apply_
 
 
 Stats = Tuple[torch.Tensor, torch.Tensor]
+SOURCE_STATS = {'cifar10': (CIFAR100_MEAN, CIFAR100_STD), 'cifar100': (CIFAR100_MEAN, CIFAR100_STD),
+                'mnist': (MNIST_MEAN, MNIST_STD)}
 
 
 @dataclass
@@ -30,6 +34,10 @@ class DataBundle:
     val: Loader
     num_classes: int
     classes: List[str]
+
+    @property
+    def channels(self) -> int:
+        return self.train.mean.numel()
 
 
 def _check_classes(cfg: DataConfig, num_classes: int) -> None:
@@ -41,7 +49,7 @@ def _check_classes(cfg: DataConfig, num_classes: int) -> None:
 def normalization(cfg: DataConfig, train: Optional[ImageSplit],
                   model_stats: Optional[Stats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The configured mean/std; else those the student's pretrained weights expect (``model_stats``); else CRD's
-    CIFAR statistics for CIFAR, else the training images' own."""
+    CIFAR statistics for CIFAR, MNIST's for MNIST, else the training images' own."""
     if (cfg.mean is None) != (cfg.std is None):
         raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
                            "are used)")
@@ -49,12 +57,17 @@ def normalization(cfg: DataConfig, train: Optional[ImageSplit],
         return torch.tensor(cfg.mean), torch.tensor(cfg.std)
     if model_stats is not None:
         return model_stats
-    if cfg.name.startswith('cifar'):
-        from ..models._base import CIFAR100_MEAN, CIFAR100_STD
-        return torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)
+    if cfg.name in SOURCE_STATS:  # fixed, so a transfer set without some classes is normalised as the teacher was
+        return tuple(torch.tensor(values) for values in SOURCE_STATS[cfg.name])
     if train is None:
         train = load_split(cfg, train=True)
     return channel_stats(train.images)
+
+
+def _check_channels(mean: torch.Tensor, split: ImageSplit) -> None:
+    if mean.numel() != split.images.shape[1]:
+        raise DistillError(f"data.mean/std have {mean.numel()} values but the images have {split.images.shape[1]} "
+                           f"channels; give one value per channel")
 
 
 def _check_same_classes(train_classes: List[str], val_classes: List[str]) -> None:
@@ -97,6 +110,7 @@ def build_data(cfg: DataConfig, seed: int, placement: Placement = Placement(), s
     _check_same_classes(train.classes, val.classes)
     _check_classes(cfg, len(train.classes))
     mean, std = normalization(cfg, train, model_stats)
+    _check_channels(mean, train)
     generator = torch.Generator().manual_seed(seed)
     return DataBundle(
         train=BatchLoader(train, cfg.batch_size, mean, std, True, cfg.augment, cfg.crop_padding, generator,

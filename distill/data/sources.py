@@ -1,12 +1,14 @@
-"""Where images come from: CIFAR-10/100 (torchvision), any ImageFolder tree (decoded once, cached as uint8 under
-``~/.cache/distill`` or ``$DISTILL_CACHE``), a ``.npz`` file of uint8 arrays and scikit-learn's bundled digits, each
-as an ``ImageSplit`` held in memory, optionally reduced to some classes or a number of images per class; and
-``link_subset``: a smaller ImageFolder tree of links, for streamed runs on part of a tree."""
+"""Where images come from: CIFAR-10/100 (torchvision), MNIST (its four IDX files, md5-checked), any ImageFolder
+tree (decoded once, cached as uint8 under ``~/.cache/distill`` or ``$DISTILL_CACHE``), a ``.npz`` file of uint8
+arrays and scikit-learn's bundled digits, each as an ``ImageSplit`` held in memory, optionally reduced to some
+classes or a number of images per class, the training split to a transfer set of classes; and ``link_subset``: a
+smaller ImageFolder tree of links, for streamed runs on part of a tree."""
+import gzip
 import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -92,6 +94,74 @@ def _load_digits(cfg: DataConfig, train: bool) -> ImageSplit:
     gray = torch.from_numpy(digits.images[select] * (255.0 / 16.0)).round().to(torch.uint8)
     images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # 3 channels, like every image model's stem
     return ImageSplit(images, torch.from_numpy(labels[select]), [str(i) for i in range(10)])
+
+
+# md5 of the uncompressed IDX files (the originals of LeCun et al.; torchvision lists the md5s of the .gz files)
+MNIST_FILES = {
+    'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
+    'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
+    't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
+    't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637',
+}
+
+
+def _mnist_bytes(root: str, stem: str) -> bytes:
+    """The uncompressed IDX file ``stem`` under ``root`` (gzipped or not, or under torchvision's ``MNIST/raw/``),
+    checked against the original's md5."""
+    candidates = [os.path.join(root, *sub, stem + ext) for sub in ((), ('MNIST', 'raw')) for ext in ('', '.gz')]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+        raise DistillError(f"MNIST file {stem}(.gz) not found under {root}; set data.root=<folder holding the four "
+                           f"IDX files>, or data.download=true where there is internet")
+    try:
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # a truncated or damaged gzip stream
+        raise DistillError(f"{path} does not decompress ({first_line(exc)}); fetch the MNIST files again") from None
+    digest = hashlib.md5(data).hexdigest()
+    if digest != MNIST_FILES[stem]:
+        raise DistillError(f"{path} is not the original MNIST {stem} (md5 {digest} of its {len(data):,} bytes, "
+                           f"expected {MNIST_FILES[stem]}): truncated, damaged or another dataset; fetch it again")
+    return data
+
+
+def _load_mnist(cfg: DataConfig, train: bool) -> ImageSplit:
+    """MNIST as 1-channel 28x28 uint8 images, classes '0'..'9' (the IDX header: a 4-byte magic, a 4-byte count per
+    dimension, then the bytes)."""
+    root = os.path.expanduser(cfg.root)
+    prefix = 'train' if train else 't10k'
+    if cfg.download and not os.path.isfile(os.path.join(root, 'MNIST', 'raw', f'{prefix}-labels-idx1-ubyte')):
+        from torchvision import datasets
+        try:
+            datasets.MNIST(root, train=train, download=True)
+        except (RuntimeError, OSError) as exc:
+            raise DistillError(f"MNIST download into {root} failed ({first_line(exc)}); without internet put the "
+                               f"four IDX files under data.root and set data.download=false") from None
+    images = _mnist_bytes(root, f'{prefix}-images-idx3-ubyte')
+    labels = _mnist_bytes(root, f'{prefix}-labels-idx1-ubyte')
+    count = len(labels) - 8
+    pixels = torch.frombuffer(bytearray(images[16:]), dtype=torch.uint8).view(count, 1, 28, 28)
+    return ImageSplit(pixels.clone(), torch.frombuffer(bytearray(labels[8:]), dtype=torch.uint8).long(),
+                      [str(digit) for digit in range(10)])
+
+
+def _transfer_set(split: ImageSplit, include: Optional[List[Any]], exclude: Optional[List[Any]],
+                  where: str) -> ImageSplit:
+    """The training images of the classes ``include`` (all when None) but not ``exclude`` (names, or the integers
+    that name MNIST's digits); labels and class list stay whole, so the model still has every output."""
+    if include is None and exclude is None:
+        return split
+    chosen = {}
+    for key, names in (('include_classes', include), ('exclude_classes', exclude)):
+        unknown = [n for n in names or () if str(n) not in split.classes]
+        if unknown:
+            raise DistillError(f"data.{key} {unknown} not in {where}; its classes are {split.classes}")
+        chosen[key] = [split.classes.index(str(n)) for n in names or ()]
+    keep_classes = set(chosen['include_classes'] or range(len(split.classes))) - set(chosen['exclude_classes'])
+    if not keep_classes:
+        raise DistillError(f"data.include_classes / exclude_classes leave no training class of {where}; keep one")
+    keep = torch.isin(split.labels, torch.tensor(sorted(keep_classes)))
+    return ImageSplit(split.images[keep], split.labels[keep], split.classes)
 
 
 NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
@@ -191,13 +261,21 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
     return split
 
 
+SOURCES = {'cifar10': _load_cifar, 'cifar100': _load_cifar, 'mnist': _load_mnist, 'npz': _load_npz,
+           'digits': _load_digits}
+
+
 def load_split(cfg: DataConfig, train: bool) -> ImageSplit:
-    per_class = cfg.train_per_class if train else cfg.val_per_class
+    """The training (``train``) or test split of ``cfg``: its classes, images per class and size; the training
+    split reduced to the transfer set (``include_classes`` / ``exclude_classes``)."""
+    split = _load_resized(cfg, train, cfg.train_per_class if train else cfg.val_per_class)
+    return _transfer_set(split, cfg.include_classes, cfg.exclude_classes, cfg.name) if train else split
+
+
+def _load_resized(cfg: DataConfig, train: bool, per_class: Optional[int]) -> ImageSplit:
     if cfg.name == 'imagefolder':
         return _load_imagefolder(cfg, train, per_class)
-    loader = _load_cifar if cfg.name.startswith('cifar') else _load_npz if cfg.name == 'npz' else _load_digits
-    split = loader(cfg, train)
-    split = _select_classes(split, cfg.classes, cfg.name)
+    split = _select_classes(SOURCES[cfg.name](cfg, train), cfg.classes, cfg.name)
     keep = torch.from_numpy(_keep_per_class(split.labels.numpy(), per_class, cfg.subset_seed))
     images = split.images[keep]
     if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:

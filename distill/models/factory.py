@@ -91,15 +91,15 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
     return model
 
 
-def check_input_size(model: nn.Module, image_size: int, role: str, name: str) -> None:
-    """One eval-mode forward of a 2-image batch at ``image_size``: a model that cannot take that size (a ViT's fixed
+def check_input_size(model: nn.Module, image_size: int, role: str, name: str, channels: int = 3) -> None:
+    """One eval-mode forward of a 2-image batch at ``image_size`` (``channels`` deep): a model that cannot take that size (a ViT's fixed
     patch grid, say) fails here with one line, before any run directory exists."""
     import torch
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(2, 3, image_size, image_size))
+            model(torch.zeros(2, channels, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 (AssertionError, RuntimeError, ...: what a model says about its input)
         expected = getattr(model, 'pretrained_cfg', {}).get('input_size')
         reason = first_line(exc, 120)

@@ -72,7 +72,7 @@ def main():
             rows['live teacher'].append(top1(config(args, f'live-seed{seed}', seed, streamed, args.epochs, 0.05, **kd)))
     for k in args.top_k:
         rows[f'replay, top-{k}'] = [top1(config(args, f'replay-k{k}-seed{seed}', seed, streamed, args.epochs, 0.05,
-                                                teacher_cache={'enabled': True, 'mode': 'replay',
+                                                teacher_cache={'enabled': True, 'mode': 'replay', 'top_k': k,
                                                                'dir': f'{records}-k{k}'}, **kd))
                                     for seed in args.seeds]
 
