@@ -215,7 +215,7 @@ def main():
     parser.add_argument('--output', default=None, help='default runs/hinton_mnist (--quick: runs/hinton_mnist_quick)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--temperatures', type=float, nargs='+', default=list(SWEEP_T))
-    parser.add_argument('--sweep-epochs', type=int, default=15)
+    parser.add_argument('--sweep-epochs', type=int, default=20)
     parser.add_argument('--jobs', type=int, default=2, help='runs at once (one thread each)')
     parser.add_argument('--quick', action='store_true', help='3,000 training / 1,000 test images, 2 epochs')
     args = parser.parse_args()
