@@ -1,6 +1,6 @@
 """Output-bias adjustment (Hinton, Vinyals & Dean 2015, §3): a student distilled on a transfer set without some
 classes under-predicts them; adding one δ to those classes' logits (equivalently to their output biases) recovers
-them. ``fit_bias`` finds the δ that minimises the errors on a labelled set exactly, ``bias_report`` gives the errors,
+them. ``fit_bias_on`` finds the δ that minimises the errors on a labelled set exactly, ``bias_report`` gives the errors,
 top-1 and per-class errors of logits with a δ applied.
 
 With ``C`` the adjusted classes, a sample is predicted in ``C`` iff ``max_C z + δ > max_rest z``, so its correctness

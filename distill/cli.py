@@ -76,14 +76,15 @@ def _report(args: argparse.Namespace, name: str, model, loader, data_cfg) -> Non
     from .evaluation import evaluate, predict
     from .runtime import resolve_device
     device = resolve_device(args.device)
+    model = model.to(device)
     if args.logit_bias or args.fit_bias or args.json:
         from .bias import bias_eval
-        fit_data = predict(model.to(device), _fit_loader(args.fit_on, data_cfg, loader), device) \
+        fit_data = predict(model, _fit_loader(args.fit_on, data_cfg, loader), device) \
             if args.fit_bias and args.fit_on != 'test' else None
-        bias_eval(f"{name} on {data_cfg.name}", *predict(model.to(device), loader, device), args.logit_bias,
-                  args.fit_bias, args.fit_on, fit_data, args.json)
+        bias_eval(f"{name} on {data_cfg.name}", *predict(model, loader, device), args.logit_bias, args.fit_bias,
+                  args.fit_on, fit_data, args.json)
         return
-    metrics = evaluate(model.to(device), loader, device)
+    metrics = evaluate(model, loader, device)
     print(f"{name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
           f"top-5 {metrics['top5']:.2f}")
 
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser('eval', help='top-1/top-5 of a checkpoint on a validation split')
     ev.add_argument('checkpoint', help='a run directory (its last student), distill checkpoint (.pt), .safetensors, '
                                        'RepDistiller ckpt_epoch_240.pth, or a timm model folder (a run\'s student/)')
-    ev.add_argument('--data', help='cifar10 | cifar100 | digits | an ImageFolder directory')
+    ev.add_argument('--data', help='cifar10 | cifar100 | mnist | digits | an ImageFolder directory')
     ev.add_argument('--root', help='dataset folder for cifar10/cifar100')
     ev.add_argument('--model', help='timm model name (needed when the file holds no distill config)')
     ev.add_argument('--device', default='auto')

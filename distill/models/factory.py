@@ -92,8 +92,8 @@ def create_model(model_cfg: ModelConfig, num_classes: int, role: str, transfer: 
 
 
 def check_input_size(model: nn.Module, image_size: int, role: str, name: str, channels: int = 3) -> None:
-    """One eval-mode forward of a 2-image batch at ``image_size`` (``channels`` deep): a model that cannot take that size (a ViT's fixed
-    patch grid, say) fails here with one line, before any run directory exists."""
+    """One eval-mode forward of a 2-image batch at ``image_size`` (``channels`` deep): a model that cannot take that
+    size (a ViT's fixed patch grid, say) fails here with one line, before any run directory exists."""
     import torch
     was_training = model.training
     model.eval()
