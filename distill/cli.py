@@ -4,17 +4,12 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import DistillError
+from .errors import DistillError, exit_code
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .distributed import shutdown_distributed
-    from .pipeline import run
-    try:
-        run(load_config(args.recipe, args.overrides, args.pair, args.method), resume=args.resume, quiet=args.quiet)
-    finally:  # under torchrun: leave the process group cleanly
-        shutdown_distributed()
+    from .pipeline import train
+    train(args.recipe, args.overrides, args.pair, args.method, resume=args.resume, quiet=args.quiet)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -309,15 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = [item for item in extra if item not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        args.func(args)
-    except DistillError as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("distill: interrupted; resume with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == '__main__':

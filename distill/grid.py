@@ -32,7 +32,6 @@ import collections
 import contextlib
 import glob
 import os
-import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .config import Config, config_of, load_config
@@ -59,9 +58,10 @@ class Run(NamedTuple):
     def run_dir(self) -> RunDir:
         return RunDir.of(self.config)
 
-    def command(self) -> List[str]:
-        selection = ['--pair', self.pair, '--method', self.method] if self.pair else []
-        return [sys.executable, '-m', 'distill', 'train', self.recipe, *selection, *self.overrides, '--quiet']
+    def command(self) -> Dict[str, Any]:
+        """The arguments of ``pipeline.train`` (``distill train``) that train this run."""
+        return {'recipe': self.recipe, 'overrides': self.overrides, 'pair': self.pair, 'method': self.method,
+                'quiet': True}
 
 
 def _selected(grid_path: str, grid: Dict[str, Any], key: str, known: List[str]) -> List[str]:

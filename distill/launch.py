@@ -2,30 +2,31 @@
 LocalExecutor, at most ``--parallel`` at once) and waits for them; ``slurm`` submits them to a SLURM cluster as sbatch
 job arrays and returns.
 
-A job runs ``distill train`` in a child process; each task of a multi-GPU job runs one rank, with the env torchrun
-sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) taken from SLURM's, so training takes the path it takes under
-torchrun. It resumes from the run's ``checkpoints/last.pt`` whenever one exists. Near the wall-clock limit, or on
-preemption, SLURM (or the local controller) signals the job; submitit calls ``TrainJob.checkpoint``, which stops
-training (its last finished epoch is on disk) and requeues the same job, which then resumes.
+A job runs ``distill train`` in a child process forked from the job's, which has imported distill (torch and timm
+with it) to unpickle the job: a fresh interpreter would import them a second time, seconds per job. Each task of a
+multi-GPU job runs one rank, with the env torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) taken from
+SLURM's, so training takes the path it takes under torchrun. It resumes from the run's ``checkpoints/last.pt``
+whenever one exists. Near the wall-clock limit, or on preemption, SLURM (or the local controller) signals the job;
+submitit calls ``TrainJob.checkpoint``, which stops training (its last finished epoch is on disk) and requeues the
+same job, which then resumes.
 
 Each job's records in its run directory (``distill.run_state`` reads them): ``job.json``, written here at
 submission, and ``job_state.json``, written by the job's first task.
 """
 import contextlib
-import functools
 import io
+import multiprocessing
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from .errors import DistillError, first_line, nearest
+from .errors import DistillError, exit_code, first_line, nearest
 from .files import atomic_write_json
 from .run_dir import RunDir
 from .run_state import STATE, SUBMITTED, describe_exit
@@ -110,32 +111,32 @@ def make_executor(spec: ExecutorSpec, folder: str, job_name: str, dependency: Op
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """One run as a submitit job: ``command`` (``distill train ...``) in a child process, resumed when the run has a
-    checkpoint; ``env`` overrides the child's environment (None: unset)."""
+    """One run as a submitit job: ``command`` (the keyword arguments of ``pipeline.train``, i.e. ``distill train``)
+    in a child process, resumed when the run has a checkpoint; ``env`` overrides the child's environment (None:
+    unset)."""
 
-    def __init__(self, command: List[str], run_dir: RunDir, env: Optional[Dict[str, Optional[str]]] = None):
+    def __init__(self, command: Dict[str, Any], run_dir: RunDir, env: Optional[Dict[str, Optional[str]]] = None):
         self.command, self.run_dir, self.env = command, run_dir, env or {}
-        self._child: Optional[subprocess.Popen] = None
+        self._child: Optional[multiprocessing.process.BaseProcess] = None
 
     def __call__(self) -> int:
         job = submitit.JobEnvironment()
         lead = job.global_rank == 0  # the task that records the job's state (rank 0 also writes the run's files)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         resume = os.path.isfile(self.run_dir.last)
+        self._child, stderr = _start_training({**self.command, 'resume': resume}, self.env)
         if lead:
-            self._record(job.job_id, 'running', host=socket.gethostname(), pid=os.getpid(), resumed=resume)
-        env = {**os.environ, **self.env}
-        preemption = signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]
-        self._child = subprocess.Popen(self.command + ['--resume'] * resume, stderr=subprocess.PIPE, text=True,
-                                       errors='replace', env={k: v for k, v in env.items() if v is not None},
-                                       preexec_fn=functools.partial(_child_signals, preemption))
+            self._record(job.job_id, 'running', host=socket.gethostname(), pid=os.getpid(),
+                         training_pid=self._child.pid, resumed=resume)
         last = ''
         try:
-            for line in self._child.stderr:  # into the job's log, keeping the last line for distill grid --status
-                sys.stderr.write(line)
-                sys.stderr.flush()
-                last = line.strip() or last
-            code = self._child.wait()
+            with stderr:
+                for line in stderr:  # into the job's log, keeping the last line for distill grid --status
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                    last = line.strip() or last
+            self._child.join()
+            code = self._child.exitcode
         except BaseException as exc:
             if lead and not isinstance(exc, SystemExit):  # a requeue exits: checkpoint() recorded it
                 self._record(job.job_id, 'ended', returncode=130 if isinstance(exc, KeyboardInterrupt) else None,
@@ -157,30 +158,67 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _stop_child(self) -> None:
         child, self._child = self._child, None  # a requeue pickles this job: without its process
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGINT)  # distill train stops cleanly: its checkpoints are written atomically
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+        if child is not None and child.is_alive():
+            os.kill(child.pid, signal.SIGINT)  # distill train stops cleanly: its checkpoints are written atomically
+            child.join(timeout=60)
+            if child.is_alive():
                 child.kill()
-                child.wait()
+                child.join()
 
     def _record(self, job_id: str, state: str, **fields: Any) -> None:
         atomic_write_json(os.path.join(self.run_dir.path, STATE), {'job_id': job_id, 'state': state,
                                                                    'time': time.time(), **fields})
 
 
-def _child_signals(preemption: signal.Signals) -> None:
-    """In the child, before it runs distill: SLURM sends the preemption signal to every process of the job, and the
-    task answers it (the child would die of it); Ctrl-C (SIGINT) stops the child cleanly, also where the job's
-    processes do not take it (``_training_takes_ctrl_c``, or a background shell); the child dies with the job."""
-    signal.signal(preemption, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _start_training(command: Dict[str, Any], env: Dict[str, Optional[str]]
+                    ) -> Tuple[multiprocessing.process.BaseProcess, IO[str]]:
+    """``pipeline.train(**command)`` in a forked child, its stderr through a pipe; the child and the pipe's reading
+    end."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = multiprocessing.get_context('fork').Process(target=_train,
+                                                        args=(command, env, os.getpid(), read_end, write_end),
+                                                        name='distill train')
+    child.start()
+    os.close(write_end)
+    return child, os.fdopen(read_end, errors='replace')
+
+
+def _train(command: Dict[str, Any], env: Dict[str, Optional[str]], job_pid: int, read_end: int,
+           write_end: int) -> None:
+    """The child: stderr into the pipe, the signals and environment a fresh ``distill train`` process would have,
+    then the command, which exits as ``distill train`` does (one line and 2 for a user mistake)."""
+    os.close(read_end)
+    os.dup2(write_end, sys.stderr.fileno())
+    os.close(write_end)
+    _child_signals(job_pid)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if env.get('OMP_NUM_THREADS'):  # OpenMP read the variable when the job process loaded it
+        import torch
+        torch.set_num_threads(int(env['OMP_NUM_THREADS']))
+    from . import pipeline
+    sys.exit(exit_code(lambda: pipeline.train(**command)))
+
+
+def _child_signals(job_pid: int) -> None:
+    """SLURM sends the preemption signal to every process of the job, and the task answers it (the child would die
+    of it); submitit's handlers of the job process are not the child's; Ctrl-C (SIGINT) stops the child cleanly, also
+    where the job's processes do not take it (``_training_takes_ctrl_c``, or a background shell); the child dies with
+    the job."""
+    signal.signal(signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG], signal.SIG_IGN)
+    for name in ('SIGTERM', 'SIGCONT'):
+        signal.signal(signal.Signals[name], signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent()
+    _die_with_parent(job_pid)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Linux: the child is killed when the job process dies, even by SIGKILL (an orphan would go on writing the run
     while a rerun of the grid starts a second trainer on it). Every file of a run is written atomically, so the
     rerun resumes from the last checkpoint."""
@@ -188,6 +226,8 @@ def _die_with_parent() -> None:
         import ctypes
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the job died before the request took effect
+            os._exit(1)
 
 
 @contextlib.contextmanager

@@ -12,10 +12,11 @@ import contextlib
 import copy
 import fcntl
 import os
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from .config import Config, ModelConfig, from_dict, load_config, to_dict
 from .config_checks import check_teacher_weights
+from .distributed import shutdown_distributed
 from .errors import DistillError
 from .run_dir import FINISHED, INTERRUPTED, RunDir
 from .trainer import Trainer
@@ -64,6 +65,15 @@ def ensure_trained(cfg: Config, what: str, quiet: bool = False) -> str:
         else:  # a first run, or one interrupted (or asked for more epochs): resume where it stopped
             Trainer(cfg, resume=state == INTERRUPTED, quiet=quiet).fit()
     return run_dir.student_weights('best')
+
+
+def train(recipe: str, overrides: Sequence[str] = (), pair: Optional[str] = None, method: Optional[str] = None,
+          resume: bool = False, quiet: bool = False) -> None:
+    """``distill train``: the recipe file with ``key=value`` overrides (a pairs recipe: the pair and method picked)."""
+    try:
+        run(load_config(recipe, overrides, pair, method), resume=resume, quiet=quiet)
+    finally:  # under torchrun: leave the process group cleanly
+        shutdown_distributed()
 
 
 def run(cfg: Config, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:

@@ -4,7 +4,6 @@ PATH, no cluster), the status table, and grid files refused before anything is s
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -12,6 +11,8 @@ import time
 import pytest
 import yaml
 
+from distill import launch, pipeline
+from distill.errors import DistillError
 from distill.cli import main
 from helpers import digits_config, strip_times
 
@@ -30,21 +31,45 @@ def wait_for(condition, what, timeout=300):
         time.sleep(0.01)
 
 
-def training_pid(run_name):
-    """The `distill train` process of a run (its command line names the run)."""
-    for line in subprocess.run(['ps', '-ww', '-eo', 'pid=,args='], capture_output=True, text=True).stdout.splitlines():
-        pid, _, command = line.strip().partition(' ')
-        if ' train ' in command and f'trainer.run_name={run_name} ' in command:
-            return int(pid)
-    raise AssertionError(f'no training process of {run_name}')
-
-
 def read(path):
     return json.load(open(path))
 
 
 def metrics(run):
     return strip_times([json.loads(line) for line in open(run / 'metrics.jsonl')])
+
+
+def test_a_jobs_training_is_forked_with_the_environment_and_signals_of_a_fresh_process(monkeypatch):
+    """The job forks its training from its own interpreter (distill is imported once per job): the child runs the
+    command (here a stand-in for distill train, which only a fork of this process has), with the job's environment
+    overrides, OpenMP threads included, and the signal dispositions a fresh `distill train` has; its stderr lines and
+    exit code reach the job."""
+    def report(**command):
+        import torch
+        print(json.dumps({
+            'command': command, 'threads': torch.get_num_threads(), 'visible': os.environ.get('CUDA_VISIBLE_DEVICES'),
+            'unset': 'DISTILL_TEST_UNSET' in os.environ,
+            'sigint': signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+            'sigterm': signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            'preemption': signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}), file=sys.stderr)
+        raise DistillError('stand-in stopped')
+
+    monkeypatch.setattr(pipeline, 'train', report)
+    monkeypatch.setenv('DISTILL_TEST_UNSET', '1')
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as submitit's job process has
+    try:
+        overrides = {'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'DISTILL_TEST_UNSET': None}
+        child, stderr = launch._start_training({'recipe': 'r.yaml', 'quiet': True}, overrides)
+        with stderr:
+            lines = stderr.read().splitlines()
+        child.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert child.exitcode == 2 and child.pid != os.getpid()
+    assert lines[-1] == 'distill: error: stand-in stopped'
+    assert json.loads(lines[-2]) == {'command': {'recipe': 'r.yaml', 'quiet': True}, 'threads': 1, 'visible': '',
+                                     'unset': False, 'sigint': True, 'sigterm': True, 'preemption': True}
+    assert os.environ['DISTILL_TEST_UNSET'] == '1'  # the job's own environment is untouched
 
 
 @pytest.mark.slow
@@ -61,7 +86,7 @@ def test_local_jobs_resume_after_preemption_and_a_killed_run_resumes_alone(tmp_p
     # a-seed0 and a-seed1 run first. After its first epoch, a-seed0's job is preempted (the signal SLURM, or
     # submitit's local controller near the time limit, sends the job's task) and a-seed1's training process killed
     act = {'a-seed0': lambda: os.kill(read(runs / 'a-seed0' / 'job_state.json')['pid'], signal.SIGUSR2),
-           'a-seed1': lambda: os.kill(training_pid('a-seed1'), signal.SIGKILL)}
+           'a-seed1': lambda: os.kill(read(runs / 'a-seed1' / 'job_state.json')['training_pid'], signal.SIGKILL)}
     while act:
         wait_for(lambda: any((runs / run / 'checkpoints' / 'last.pt').exists() for run in act), 'a first epoch')
         for run in [run for run in act if (runs / run / 'checkpoints' / 'last.pt').exists()]:
@@ -165,9 +190,9 @@ def test_the_slurm_executor_submits_sbatch_arrays_after_their_teacher(tmp_path, 
     # what each job runs: distill train of its run (resuming, in the job, when the run has a checkpoint)
     import submitit
     job = submitit.SlurmJob(runs / '.submitit' / '%j', '4243_1').submission().function
-    assert job.command == [sys.executable, '-m', 'distill', 'train', str(tmp_path / 'pairs.yaml'), '--pair', 'r14-r8',
-                           '--method', 'kd', 'trainer.seed=1', f'trainer.output_dir={runs}',
-                           'trainer.run_name=r14-r8-kd-seed1', '--quiet']
+    assert job.command == {'recipe': str(tmp_path / 'pairs.yaml'), 'pair': 'r14-r8', 'method': 'kd', 'quiet': True,
+                           'overrides': ['trainer.seed=1', f'trainer.output_dir={runs}',
+                                         'trainer.run_name=r14-r8-kd-seed1']}
     assert job.run_dir.path == str(runs / 'r14-r8-kd-seed1')
     # sacct: one kd run trains, the other's node failed; the baseline array still waits in the queue
     (fake_slurm / 'sacct.out').write_text('JobID|State|NodeList\n4242|COMPLETED|n1\n4243_0|RUNNING|n2\n'

@@ -8,7 +8,7 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(__file__), '..', 'distill')
 # who may import the orchestration modules (everything else sits below them)
 ORCHESTRATORS = {'distill.trainer': {'distill', 'distill.pipeline', 'distill.demo'},
-                 'distill.pipeline': {'distill.cli'}, 'distill.grid': {'distill.cli'},
+                 'distill.pipeline': {'distill.cli', 'distill.launch'}, 'distill.grid': {'distill.cli'},
                  'distill.demo': {'distill.cli'}, 'distill.cli': {'distill.__main__'}}
 MAX_LINES = 340
 
