@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import distill
 from common import pair_arguments, time_steps
 from distill import Batch, CachedTeacher, Distiller
-from distill.teacher_cache import TeacherCache
+from distill.teaching.cache import TeacherCache
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What a recorded teacher (``teacher_cache.mode: record / replay``, distill/teacher_record.py) costs and saves:
+"""What a recorded teacher (``teacher_cache.mode: record / replay``, distill/teaching/record.py) costs and saves:
 the timings as ratios of runs measured side by side in one process, the storage from a shard written by distill.
 
     python benchmarks/recorded_teacher.py [--parts step storage epoch] [--teacher resnet50 --student resnet18
@@ -13,7 +13,7 @@ step: one training step of ``distill.Distiller`` (student forward, loss, backwar
 storage: one recorded epoch of ``--shard-images`` images (default ImageNet's 1,281,167) at ``--top-k`` 10 of 1000
     classes in float16 (``teacher_cache: {top_k: 10, dtype: float16}``), written by ``RecordingTeacher`` itself
     (fed random logits in place of a teacher's): the shard's bytes, per tensor and in all.
-epoch: whole training epochs through ``distill.trainer.Trainer`` on a streamed tree of the first ``--per-class``
+epoch: whole training epochs through ``distill.training.trainer.Trainer`` on a streamed tree of the first ``--per-class``
     shared CIFAR-10 training images per class (cifar_resnet32x4 -> cifar_resnet8x4: a teacher 6x the student, as
     in kd_step.py; 32 px, RandomResizedCrop + flip + RandAugment, batch 32, 2 workers, and torch threads in the
     training process for the cores the workers leave, at least 1): a live KD run next to a recording one (its shard
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from common import SHARED_CIFAR10, pair_parser, time_steps
-from distill.data.sources import link_subset
+from distill.data.imagefolder import link_subset
 
 KD_LOSSES = {'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 1.0}}
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -57,8 +57,8 @@ def stream(count: int) -> SimpleNamespace:
 
 
 def recorder(model, folder: str, loader: SimpleNamespace, top_k: int, num_classes: int):
-    from distill.teacher_record import Recording
-    from distill.teachers import RecordingTeacher
+    from distill.teaching.record import Recording
+    from distill.teaching.recorded import RecordingTeacher
     info = {'seed': 0, 'top_k': top_k, 'dtype': 'float16', 'num_classes': num_classes, 'teacher_precision': 'fp32'}
     return RecordingTeacher(model, None, Recording(folder, {'benchmark': 'recorded_teacher'}), loader, top_k,
                             'float16', info)
@@ -67,7 +67,8 @@ def recorder(model, folder: str, loader: SimpleNamespace, top_k: int, num_classe
 def step_part(args, work: str) -> None:
     import timm
     from distill import Batch, Distiller
-    from distill.teachers import LiveTeacher, ReplayTeacher
+    from distill.teaching.recorded import ReplayTeacher
+    from distill.teaching.teachers import LiveTeacher
     device = torch.device(args.device)
     torch.manual_seed(0)
     teacher = timm.create_model(args.teacher, num_classes=args.num_classes).to(device)
@@ -142,7 +143,7 @@ def epoch_part(args, work: str) -> None:
     from safetensors.torch import save_file
     import timm
     from distill.config import from_dict
-    from distill.trainer import Trainer
+    from distill.training.trainer import Trainer
     work = os.path.join(work, 'epoch')
     root = link_subset(args.data, os.path.join(work, 'data'), {'train': args.per_class, 'test': 1})
     torch.manual_seed(0)

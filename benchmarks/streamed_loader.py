@@ -33,7 +33,7 @@ import time
 import torch
 
 from common import SHARED_CIFAR10
-from distill.data.sources import link_subset
+from distill.data.imagefolder import link_subset
 
 AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
 ERASE_PROBABILITY, ERASE_MODE = 0.25, 'pixel'

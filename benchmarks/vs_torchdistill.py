@@ -28,7 +28,7 @@ import torch
 import distill
 from common import PILImages
 from distill.config import from_dict
-from distill.trainer import Trainer, evaluate
+from distill.training.trainer import Trainer, evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

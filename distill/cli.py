@@ -1,137 +1,39 @@
-"""The ``distill`` command: train, grid, table, eval, push, extract, probe, demo, models, methods. User mistakes print one line and exit with code 2."""
+"""The ``distill`` command: train, grid, table, eval, push, extract, probe, demo, models, methods. User mistakes print
+one line and exit with code 2."""
 import argparse
 import os
 import sys
 from typing import List, Optional
 
-from .errors import DistillError, exit_code
+from .errors import exit_code
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .pipeline import train
+    from .sweeps.stages import train
     train(args.recipe, args.overrides, args.pair, args.method, resume=args.resume, quiet=args.quiet)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .checkpoint import NotACheckpoint, load_checkpoint
-    from .config import ModelConfig, from_dict
-    from .data import build_eval_loader
-    from .models.factory import create_model
-    run_last = os.path.join(args.checkpoint, 'checkpoints', 'last.pt')
-    if os.path.isfile(run_last):  # a run directory: its final student (best.pt was picked on the same split)
-        args.checkpoint = run_last
-    if os.path.isdir(args.checkpoint):
-        return _eval_folder(args)
-    if not os.path.isfile(args.checkpoint):
-        raise DistillError(f"checkpoint not found: {args.checkpoint} (check the path)")
-    checkpoint = None
-    if not args.checkpoint.endswith('.safetensors'):
-        try:
-            checkpoint = load_checkpoint(args.checkpoint)
-        except NotACheckpoint:  # plain weights: load_weights below reads them
-            pass
-    # a run's checkpoint carries its recipe (unchecked: rules added since must not lock an old run out of eval)
-    cfg = from_dict(checkpoint['config'], validate=False) if checkpoint and 'config' in checkpoint else None
-    data_cfg = _data_config(args, cfg.data if cfg else None)
-    model_name = args.model or (cfg.student.name if cfg else None)
-    if model_name is None:
-        raise DistillError("--model NAME is required for weights without a distill config, e.g. --model cifar_resnet8x4")
-    stats = checkpoint.get('normalization') if checkpoint and args.data is None else None
-    loader = build_eval_loader(data_cfg, *(stats['mean'], stats['std']) if stats else ())
-    kwargs = cfg.student.kwargs if cfg and model_name == cfg.student.name else {}  # e.g. a ViT's img_size
-    model = create_model(ModelConfig(name=model_name, checkpoint=args.checkpoint, kwargs=kwargs),
-                         len(loader.split.classes), 'model')
-    _report(args, model_name, model, loader, data_cfg)
-
-
-def _eval_folder(args: argparse.Namespace) -> None:
-    """``distill eval FOLDER --data ...``: a timm model folder (a run's ``student/``, timm's ``save_for_hf``) at
-    the mean/std and input size of its ``pretrained_cfg``."""
-    from .config import ModelConfig
-    from .data import build_eval_loader
-    from .inputs import pretrained_input, pretrained_stats
-    from .models.factory import create_model
-    if not os.path.isfile(os.path.join(args.checkpoint, 'config.json')):
-        raise DistillError(f"{args.checkpoint} holds no config.json: give a checkpoint file or a timm model folder")
-    name = f'local-dir:{args.checkpoint}'
-    pretrained_cfg = pretrained_input(name, pretrained=True) or {}
-    if args.data is None:
-        raise DistillError("--data is required with a model folder (a dataset name or an ImageFolder directory)")
-    data_cfg = _data_config(args)
-    data_cfg.image_size = pretrained_cfg.get('input_size', (3, data_cfg.image_size))[-1]
-    loader = build_eval_loader(data_cfg, *(pretrained_stats(pretrained_cfg) or ()))
-    model = create_model(ModelConfig(name=name, pretrained=True), len(loader.split.classes), 'model')
-    if model.pretrained_cfg.get('num_classes') != len(loader.split.classes):
-        raise DistillError(f"{args.checkpoint} classifies {model.pretrained_cfg.get('num_classes')} classes but "
-                           f"{data_cfg.name} has {len(loader.split.classes)}; evaluate it on its own data")
-    _report(args, name, model, loader, data_cfg)
-
-
-def _report(args: argparse.Namespace, name: str, model, loader, data_cfg) -> None:
-    from .evaluation import evaluate, predict
-    from .runtime import resolve_device
-    device = resolve_device(args.device)
-    model = model.to(device)
-    if args.logit_bias or args.fit_bias or args.json:
-        from .bias import bias_eval
-        fit_data = predict(model, _fit_loader(args.fit_on, data_cfg, loader), device) \
-            if args.fit_bias and args.fit_on != 'test' else None
-        bias_eval(f"{name} on {data_cfg.name}", *predict(model, loader, device), args.logit_bias, args.fit_bias,
-                  args.fit_on, fit_data, args.json)
-        return
-    metrics = evaluate(model, loader, device)
-    print(f"{name} on {data_cfg.name} ({len(loader.split)} images): top-1 {metrics['top1']:.2f}  "
-          f"top-5 {metrics['top5']:.2f}")
-
-
-def _fit_loader(fit_on: str, data_cfg, test_loader):
-    """``--fit-on train:N``: the last N images of the training split (whole: every class, the transfer set's
-    exclusions aside), normalised as the test images."""
-    import dataclasses
-    from .data import BatchLoader, ImageSplit, load_split
-    count = fit_on.partition(':')[2]
-    if not fit_on.startswith('train:') or not count.isdigit() or int(count) == 0:
-        raise DistillError(f"--fit-on {fit_on!r}: say test, or train:N (the last N training images), e.g. train:5000")
-    split = load_split(dataclasses.replace(data_cfg, include_classes=None, exclude_classes=None), train=True)
-    tail = slice(max(0, len(split) - int(count)), None)
-    return BatchLoader(ImageSplit(split.images[tail], split.labels[tail], split.classes), data_cfg.eval_batch_size,
-                       test_loader.mean, test_loader.std, False)
+    from .tools.evaluate import evaluate_command
+    evaluate_command(args)
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .export import push
+    from .runs.export import push
     files = push(args.run, args.repo_id, args.private, args.dry_run)
     verb = 'would upload' if args.dry_run else 'uploaded'
     print(f"{verb} {os.path.join(args.run, 'student')} ({', '.join(files)}) to https://huggingface.co/{args.repo_id}")
 
 
-def _data_config(args: argparse.Namespace, base=None):
-    """The data section from ``--data`` (a dataset name or an ImageFolder directory) and ``--root``."""
-    from .config import DataConfig
-    data_cfg = base or DataConfig()
-    if args.data is None and base is None:
-        raise DistillError("--data is required for weights without a distill config (a dataset name: cifar10, "
-                           "cifar100, digits; or an ImageFolder directory)")
-    if args.data is not None:
-        if os.path.isdir(args.data):
-            data_cfg.name, data_cfg.root = 'imagefolder', args.data
-        elif args.data in ('cifar10', 'cifar100', 'mnist', 'digits'):
-            data_cfg.name = args.data
-        else:
-            raise DistillError(f"--data {args.data}: not a directory nor one of cifar10, cifar100, mnist, digits")
-    if args.root:
-        data_cfg.root = args.root
-    return data_cfg
-
-
 def _extract(args: argparse.Namespace) -> None:
     import time
     from .config import ModelConfig, TransferConfig
-    from .probe import extract_features, feature_loaders, save_features
     from .models.factory import create_model
-    from .runtime import resolve_device
-    from .inputs import pretrained_input, pretrained_stats
-    data_cfg = _data_config(args)
+    from .models.pretrained import pretrained_input, pretrained_stats
+    from .tools.evaluate import data_config
+    from .tools.probe import extract_features, feature_loaders, save_features
+    from .training.runtime import resolve_device
+    data_cfg = data_config(args.data, args.root)
     data_cfg.image_size, data_cfg.augment = args.image_size, 'none'
     data_cfg.train_per_class, data_cfg.val_per_class = args.train_per_class, args.val_per_class
     # a pretrained backbone sees the normalisation its weights expect
@@ -157,20 +59,20 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from .probe import probe_file
+    from .tools.probe import probe_file
     result = probe_file(args.features, args.layer, args.weight_decay, args.max_iter)
     print(f"linear probe on {'layer' if args.layer else 'pooled'} features of {args.features}: val top-1 "
           f"{result['val_top1']:.2f} (train {result['train_top1']:.2f}) in {result['seconds']:.1f}s")
 
 
 def _grid(args: argparse.Namespace) -> None:
-    from .grid import run_grid
+    from .sweeps.grid import run_grid
     run_grid(args.grid, parallel=args.parallel, dry_run=args.dry_run, executor=args.executor, status=args.status)
 
 
 def _table(args: argparse.Namespace) -> None:
     from .files import atomic_write_text
-    from .table import table
+    from .sweeps.table import table
     fmt = args.format or {'.csv': 'csv', '.json': 'json'}.get(os.path.splitext(args.output or '')[1], 'markdown')
     text = table(args.runs, args.paper, args.plot, fmt)
     if args.output:
@@ -181,7 +83,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .tools.demo import run_demo
     run_demo(data_dir=args.data, output_dir=args.output, epochs=args.epochs, seed=args.seed,
              train_per_class=args.train_per_class)
 
@@ -285,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument('--format', help='markdown (default), csv or json (default with --output: from its extension)')
     tab.add_argument('--output', help='write the table to this file (atomically) instead of printing it')
     tab.set_defaults(func=_table)
-    push = sub.add_parser('push', help="upload a finished run's student (its timm model folder) to the Hugging Face Hub")
+    push = sub.add_parser('push', help="upload a finished run's student (its timm model folder) to the Hugging Face "
+                                       "Hub")
     push.add_argument('run', help='run directory (holding student/)')
     push.add_argument('--repo-id', required=True, help='ORG/NAME on the Hub (created if missing)')
     push.add_argument('--private', action='store_true')

@@ -76,7 +76,7 @@ def test_missing_and_malformed_recipes(tmp_path):
                                     'augmix-m5-w4-d2-a1-b1-mstd0.5', 'original-mstd0.5', 'originalr', 'v0', 'v0r',
                                     '3a'])
 def test_the_timm_augmentation_strings_that_are_accepted_build_in_timm(config):
-    from distill.config_checks import check_auto_augment
+    from distill.config.checks import check_auto_augment
     from distill.data.streaming import auto_augment_transform
     check_auto_augment(config)
     assert auto_augment_transform(config, 32, (0.5, 0.5, 0.5)) is not None

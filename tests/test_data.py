@@ -173,7 +173,7 @@ def test_every_timm_augmentation_op_runs_at_its_highest_magnitude(config):
 
 
 def test_link_subset_links_the_first_images_of_each_class_and_names_a_missing_split(tmp_path):
-    from distill.data.sources import link_subset
+    from distill.data.imagefolder import link_subset
     for name in ('cat', 'dog'):
         (tmp_path / 'src' / 'train' / name).mkdir(parents=True)
         for index in range(3):

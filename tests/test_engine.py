@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 import distill  # noqa: F401  (registers the cifar_ models)
 from distill import Batch, Distiller
-from distill.checkpoint import load_checkpoint
+from distill.runs.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.losses import Need, list_losses
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from engine_helpers import METHODS, TRAIN_TARGETS, _build, _pair
 from helpers import digits_config, strip_times
 

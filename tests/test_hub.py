@@ -158,7 +158,7 @@ def test_each_pretrained_model_sees_its_own_normalisation_and_size(tmp_path):
     import torch
     import torch.nn.functional as F
     from distill.config import from_dict
-    from distill.trainer import Trainer
+    from distill.training.trainer import Trainer
     teacher_stats, student_stats = ((0.5,) * 3, (0.5,) * 3), ((0.1, 0.2, 0.3), (0.9, 0.8, 0.7))
     teacher = timm.create_model('resnet10t', num_classes=10)
     timm.models.save_for_hf(teacher, str(tmp_path / 't'), safe_serialization=True, data_config={
@@ -194,7 +194,7 @@ def test_a_cached_teacher_with_its_own_input_gives_the_live_teachers_logits(tmp_
     """The teacher cache stores what the adapted teacher computes, under a key that includes its input."""
     import torch
     from distill.config import from_dict
-    from distill.trainer import Trainer
+    from distill.training.trainer import Trainer
     teacher = timm.create_model('resnet10t', num_classes=10)
     timm.models.save_for_hf(teacher, str(tmp_path / 't'), safe_serialization=True, data_config={
         'mean': (0.5,) * 3, 'std': (0.25,) * 3, 'input_size': (3, 48, 48)})

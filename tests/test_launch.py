@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from distill import launch, pipeline
+from distill.sweeps import launch, stages
 from distill.errors import DistillError
 from distill.cli import main
 from helpers import digits_config, strip_times
@@ -54,7 +54,7 @@ def test_a_jobs_training_is_forked_with_the_environment_and_signals_of_a_fresh_p
             'preemption': signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}), file=sys.stderr)
         raise DistillError('stand-in stopped')
 
-    monkeypatch.setattr(pipeline, 'train', report)
+    monkeypatch.setattr(stages, 'train', report)
     monkeypatch.setenv('DISTILL_TEST_UNSET', '1')
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as submitit's job process has
     try:
@@ -224,7 +224,7 @@ def test_the_slurm_executor_submits_sbatch_arrays_after_their_teacher(tmp_path, 
 
 
 def test_slurm_arrays_stay_within_the_array_size_limit(tmp_path, fake_slurm, capsys, monkeypatch):
-    from distill import launch
+    from distill.sweeps import launch
     monkeypatch.setattr(launch, 'MAX_ARRAY', 2)  # SLURM's default limit is 1001 tasks
     write_recipes(tmp_path, 'a', epochs=1)
     grid = tmp_path / 'grid.yaml'

@@ -1,16 +1,26 @@
 """The package's shape: the import graph of ``distill/`` (module-level and function-level imports alike) has no
-circle, the orchestrating modules are imported only by those above them, and no module outgrows one job."""
+circle, every module sits in one layer of ``LAYERS`` and imports only from its own layer or those below, and no
+module outgrows one job (300 lines, none over 120 characters)."""
 import ast
 import os
 
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), '..', 'distill')
-# who may import the orchestration modules (everything else sits below them)
-ORCHESTRATORS = {'distill.trainer': {'distill', 'distill.pipeline', 'distill.demo'},
-                 'distill.pipeline': {'distill.cli', 'distill.launch'}, 'distill.grid': {'distill.cli'},
-                 'distill.demo': {'distill.cli'}, 'distill.cli': {'distill.__main__'}}
-MAX_LINES = 340
+# bottom up: a module imports from its own layer and the layers below, never from one above
+LAYERS = [
+    ('core: errors and atomic files', ('distill.errors', 'distill.files', 'distill._startup')),
+    ('config: recipes as typed configs', ('distill.config',)),
+    ("runs: a run's files", ('distill.runs',)),
+    ('models and loss terms', ('distill.models', 'distill.losses')),
+    ('data', ('distill.data',)),
+    ('teaching: live, cached and replayed teachers', ('distill.teaching',)),
+    ('training', ('distill.training',)),
+    ('many runs and tools', ('distill.sweeps', 'distill.tools')),
+    ('the command and the package', ('distill.cli', 'distill.__main__', 'distill')),
+]
+MAX_LINES = 300
+MAX_LINE_LENGTH = 120
 
 
 def _modules():
@@ -73,7 +83,7 @@ def _cycle(graph):
 
 def test_the_import_graph_has_no_circle():
     graph = import_graph()
-    assert 'distill.trainer' in graph and graph['distill.trainer']
+    assert 'distill.training.trainer' in graph and graph['distill.training.trainer']
     cycle = _cycle(graph)
     assert cycle is None, ' -> '.join(cycle)
     # the package init imports its subpackages, which import back into it: only the package itself may (and
@@ -88,16 +98,33 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({'a': {'b'}, 'b': set()}) is None
 
 
-def test_orchestrators_are_imported_only_from_above():
+def layer_of(module):
+    """The index in ``LAYERS`` of the layer holding ``module`` (the package ``distill`` itself: the top)."""
+    for index, (_, members) in enumerate(LAYERS):
+        if any(module == member or (member != 'distill' and module.startswith(member + '.')) for member in members):
+            return index
+    raise AssertionError(f'{module} is in no layer: add it (or its subpackage) to LAYERS in tests/test_layout.py')
+
+
+def test_every_module_imports_only_from_its_layer_or_below():
     graph = import_graph()
-    for module, edges in graph.items():
-        for target in edges & set(ORCHESTRATORS):
-            assert module in ORCHESTRATORS[target], f'{module} imports {target}'
+    upward = [f'{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})'
+              for module, edges in sorted(graph.items()) for target in sorted(edges)
+              if layer_of(target) > layer_of(module)]
+    assert not upward, '\n'.join(upward)
+
+
+def test_the_layers_order_what_the_code_depends_on():
+    assert layer_of('distill.training.trainer') > layer_of('distill.data.sources') > layer_of('distill.config.schema')
+    assert layer_of('distill') == len(LAYERS) - 1 and layer_of('distill.losses.kd') == layer_of('distill.models')
 
 
 @pytest.mark.parametrize('module, path', sorted(_modules()))
 def test_no_module_outgrows_one_job(module, path):
-    assert len(open(path).read().splitlines()) <= MAX_LINES, module
+    lines = open(path).read().splitlines()
+    assert len(lines) <= MAX_LINES, module
+    long = [number for number, line in enumerate(lines, 1) if len(line) > MAX_LINE_LENGTH]
+    assert not long, f"{module}: lines {long} are over {MAX_LINE_LENGTH} characters"
 
 
 def test_only_public_timm_apis_are_used():

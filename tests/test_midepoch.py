@@ -1,4 +1,4 @@
-"""Checkpoints inside an epoch (distill/midepoch.py): a run killed or stopped between two batches resumes and ends
+"""Checkpoints inside an epoch (distill/training/midepoch.py): a run killed or stopped between two batches resumes and ends
 bit-equal to the uninterrupted run, on the streamed recording path and on the in-memory one."""
 import json
 import os
@@ -12,10 +12,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from distill.checkpoint import load_checkpoint
+from distill.runs.checkpoint import load_checkpoint
 from distill.config import from_dict
-from distill.midepoch import StopRequest
-from distill.trainer import Trainer
+from distill.training.midepoch import StopRequest
+from distill.training.trainer import Trainer
 from helpers import digits_config, image_folder, strip_times
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -55,7 +55,7 @@ def assert_same_run(a, b):
 
 KILLED_INSIDE_AN_EPOCH = """
 import os, sys
-from distill import trainer
+from distill.training import trainer
 from distill.config import load_config
 real = trainer.atomic_save
 
@@ -185,7 +185,7 @@ def test_a_second_signal_stops_at_once(default_signal_handlers):
 
 SIGNAL_ON_RANK_1 = """
 import os, signal, sys
-from distill import trainer
+from distill.training import trainer
 from distill.config import load_config
 run = trainer.Trainer(load_config(sys.argv[1]), quiet=True)
 calls = []

@@ -10,7 +10,7 @@ from distill.data import Batch
 from distill.data.mixing import BatchEraser, BatchMixer
 from distill.data.streaming import seeded
 from distill.errors import DistillError
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from test_teacher_record import run_config, setup, train_epochs  # noqa: F401 (setup is a fixture)
 
 

@@ -9,11 +9,11 @@ import timm
 import torch
 
 import distill  # noqa: F401 (registers the models)
-from distill.bias import bias_report, fit_bias_on
+from distill.tools.bias import bias_report, fit_bias_on
 from distill.config import DataConfig
 from distill.data import build_data, load_split
 from distill.errors import DistillError
-from distill.stepping import max_norm_constraint
+from distill.training.stepping import max_norm_constraint
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist')
 needs_mnist = pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason='../shared/data/mnist is absent')

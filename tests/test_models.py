@@ -48,7 +48,7 @@ def test_keys_params_and_logits_match_repdistiller(name):
 def test_preact_taps_match_repdistiller_preact_features(name):
     """'preact:N' on the cross-architecture models equals RepDistiller's ``is_feat=True, preact=True`` features
     (recorded from its own definitions, see tests/reference_weights.py)."""
-    from distill.features import FeatureExtractor
+    from distill.models.features import FeatureExtractor
     model = fill_by_key(timm.create_model(name, num_classes=100))
     ref = REFERENCE[name]['preact_features']
     with torch.no_grad():

@@ -12,7 +12,7 @@ import yaml
 import distill  # noqa: F401
 from distill import Distiller, list_losses, load_config
 from distill.cli import main
-from distill.recipes import PairTable
+from distill.config.recipes import PairTable
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 CIFAR100 = os.path.join(REPO, 'experiments', 'cifar100')
@@ -113,7 +113,7 @@ def test_every_pair_runs_every_method_with_the_reference_exceptions():
 
 @pytest.mark.parametrize('grid, pairs', [('grid.yaml', 12), ('grid_resnet32x4-resnet8x4.yaml', 1)])
 def test_the_committed_grids_plan_pairs_x_methods_x_seeds(grid, pairs):
-    from distill.grid import plan
+    from distill.sweeps.grid import plan
     runs = plan(os.path.join(CIFAR100, grid))
     names = {os.path.basename(run.run_dir.path) for run in runs}
     expected = [(p, m) for t, p, m in TABLE_RUNS if t == TABLE and (pairs == 12 or p == 'resnet32x4-resnet8x4')]

@@ -16,8 +16,8 @@ import distill  # noqa: F401
 from distill.config import DataConfig, from_dict
 from distill.data import apply_views, augment_batch, build_data, draw_views, view_count
 from distill.errors import DistillError
-from distill.teacher_cache import TeacherCache
-from distill.trainer import Trainer
+from distill.teaching.cache import TeacherCache
+from distill.training.trainer import Trainer
 from helpers import digits_config, image_folder
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))

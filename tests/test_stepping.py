@@ -1,4 +1,4 @@
-"""Gradient accumulation and the student's EMA (distill/stepping.py) through the real trainer on digits."""
+"""Gradient accumulation and the student's EMA (distill/training/stepping.py) through the real trainer on digits."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from distill.config import from_dict
 from distill.errors import DistillError
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from helpers import digits_config
 
 # A LayerNorm student: per-sample arithmetic, so two half batches give the gradient of their union (BatchNorm's
@@ -30,11 +30,11 @@ def test_accumulating_two_half_batches_is_one_step_of_the_whole_batch(tmp_path):
     halves = Trainer(vit_run(tmp_path, 'halves', 16, 2), quiet=True)
     assert len(whole.data.train.split) % 32 == 30
     whole.fit(), halves.fit()
-    assert halves.num_updates == whole.num_updates == 45
+    assert halves.state.num_updates == whole.state.num_updates == 45
     for (name, a), b in zip(whole.distiller.student.state_dict().items(),
                             halves.distiller.student.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-6, msg=name)
-    assert halves.history[0]['train_loss'] == pytest.approx(whole.history[0]['train_loss'], rel=1e-5)
+    assert halves.state.history[0]['train_loss'] == pytest.approx(whole.state.history[0]['train_loss'], rel=1e-5)
     # not a test that cannot fail: one update per half batch (no accumulation) trains other weights
     single = Trainer(vit_run(tmp_path, 'single', 16, 1), quiet=True)
     single.fit()
@@ -57,8 +57,8 @@ def test_the_ema_is_evaluated_checkpointed_exported_and_resumes_exactly(tmp_path
     exported = load_file(tmp_path / 'straight' / 'student_last.safetensors')
     assert all(torch.equal(exported[k], averaged[k]) for k in averaged)
     evaluated = straight._evaluate(straight.ema.module)['top1']
-    assert evaluated == summary['last_top1'] == straight.history[-1]['val_top1']
-    assert 'val_top1_raw' in straight.history[-1]
+    assert evaluated == summary['last_top1'] == straight.state.history[-1]['val_top1']
+    assert 'val_top1_raw' in straight.state.history[-1]
 
     Trainer(from_dict(digits_config(tmp_path, 'resumed', epochs=1, ema=ema, scheduler=constant)), quiet=True).fit()
     resumed = Trainer(from_dict(digits_config(tmp_path, 'resumed', epochs=2, ema=ema, scheduler=constant)),

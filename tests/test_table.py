@@ -53,7 +53,7 @@ def test_table_errors_are_one_line(tmp_path, capsys):
     bad.write_text('sources: {}\npairs: {a: {kd: {top1: 1.0, source: nope}}}\n')
     write_run(tmp_path, 'r', None, 's', {'ce': 1.0}, 0, 1.0, 1.0)
     with pytest.raises(DistillError, match="cites source 'nope'"):
-        from distill.table import load_paper
+        from distill.sweeps.table import load_paper
         load_paper(str(bad))
 
 

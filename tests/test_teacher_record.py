@@ -1,4 +1,4 @@
-"""teacher_cache.mode record / replay on a streamed ImageFolder run (distill/teacher_record.py)."""
+"""teacher_cache.mode record / replay on a streamed ImageFolder run (distill/teaching/record.py)."""
 import hashlib
 import json
 import os
@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import from_dict
 from distill.errors import DistillError
-from distill.teacher_record import dense_logits, record_values
-from distill.trainer import Trainer
+from distill.teaching.record import dense_logits, record_values
+from distill.training.trainer import Trainer
 from helpers import digits_config, image_folder
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))

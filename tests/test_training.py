@@ -15,12 +15,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import distill  # noqa: F401
-from distill.checkpoint import load_checkpoint
+from distill.runs.checkpoint import load_checkpoint
 from distill.config import from_dict
-from distill.demo import run_demo
+from distill.tools.demo import run_demo
 from distill.errors import DistillError
 from distill.losses import LossTerm, register_loss
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from helpers import digits_config, strip_times
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -178,7 +178,7 @@ def test_atomic_checkpoint_survives_a_kill_during_writing(tmp_path):
 
 KILLED_BETWEEN_CHECKPOINTS = """
 import os, sys, yaml
-from distill import trainer
+from distill.training import trainer
 from distill.config import load_config
 real, writes = trainer.atomic_save, []
 

@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 
 import distill  # noqa: F401
 from distill import DistillError
-from distill.checkpoint import load_checkpoint
+from distill.runs.checkpoint import load_checkpoint
 from distill.files import atomic_save
 from distill.config import ModelConfig, TransferConfig, from_dict
-from distill.trainer import Trainer, create_model
-from distill.transfer import StageFreezer, layer_groups, replace_head
+from distill.training.trainer import Trainer, create_model
+from distill.models.transfer import StageFreezer, layer_groups, replace_head
 from helpers import digits_config, strip_times
 
 
@@ -176,7 +176,7 @@ def test_stages_come_from_timm_group_matchers_for_cnns_and_vits():
 
 
 def test_parameter_transfer_copies_what_fits_maps_prefixes_and_reports_the_rest(tmp_path):
-    from distill.transfer import transfer_parameters
+    from distill.models.transfer import transfer_parameters
     torch.manual_seed(0)
     teacher = timm.create_model('cifar_resnet20', num_classes=10)  # 3 blocks per stage
     student = timm.create_model('cifar_resnet8', num_classes=10)  # 1 block per stage, same widths
@@ -191,7 +191,7 @@ def test_parameter_transfer_copies_what_fits_maps_prefixes_and_reports_the_rest(
 
 
 def test_parameter_transfer_resamples_vit_position_and_patch_embeddings():
-    from distill.transfer import transfer_parameters
+    from distill.models.transfer import transfer_parameters
     source = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=2, num_classes=4).state_dict()
     student = timm.create_model('vit_tiny_patch16_224', img_size=48, patch_size=8, depth=2, num_classes=4)
     report = transfer_parameters(student, source)  # 4x4 grid of 16 px patches -> 6x6 grid of 8 px patches
@@ -225,7 +225,7 @@ def test_extract_then_probe_matches_a_linear_probe_run_through_the_trainer(tmp_p
     The backbone trains 8 epochs: on a barely trained one (3 epochs) the two probes' regularisation differs enough
     to split them by ~3 points."""
     from distill.cli import main
-    from distill.probe import load_features
+    from distill.tools.probe import load_features
     Trainer(from_dict(digits_config(tmp_path, 'backbone', epochs=8)), quiet=True).fit()
     weights = str(tmp_path / 'backbone' / 'student_last.safetensors')
     for out in ('f.safetensors', 'f.npz'):

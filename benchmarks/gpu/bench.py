@@ -58,8 +58,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: common.py, vs_torchdis
 
 import distill  # noqa: E402 (after the smoke switches above)
 from distill.config import from_dict  # noqa: E402
-from distill.recipes import merge, recipe_data  # noqa: E402
-from distill.trainer import Trainer  # noqa: E402
+from distill.config.recipes import merge, recipe_data  # noqa: E402
+from distill.training.trainer import Trainer  # noqa: E402
 
 TABLE = os.path.join(ROOT, 'experiments', 'cifar100', 'pairs.yaml')
 PAIR, MODELS, SMOKE_MODELS = 'resnet32x4-resnet8x4', ('cifar_resnet32x4', 'cifar_resnet8x4'), ('cifar_resnet20',
@@ -296,7 +296,7 @@ class Bench:
             started = time.perf_counter()
             summary = trainer.fit()
             wall = time.perf_counter() - started
-            steady = trainer.history[1:]  # the first epoch compiles and captures the graphs
+            steady = trainer.state.history[1:]  # the first epoch compiles and captures the graphs
             per_image = sum(r['epoch_time'] for r in steady) / (len(steady) * len(trainer.data.train.split))
             return {'top1': summary['last_top1'], 'best_top1': summary['best_top1'], 'wall_s': round(wall, 1),
                     'steady_img_s': round(1 / per_image), 'projected_240x50k_min': round(per_image * 240 * 50_000

@@ -12,20 +12,18 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DistillError
-from ..models._base import CIFAR100_MEAN, CIFAR100_STD
-from ..models.mnist_mlp import MNIST_MEAN, MNIST_STD
+from . import datasets, imagefolder  # noqa: F401  (register the built-in data sources)
 from .batching import Batch, BatchLoader, Loader, Placement, plan_batches
-from .sources import ImageSplit, cache_dir, channel_stats, load_split
+from .sources import SOURCES, DataSource, ImageSplit, cache_dir, channel_stats, get_source, load_split, register_source
 from .views import apply_views, augment_batch, draw_views, normalize, view_count
 
-__all__ = ['Batch', 'BatchLoader', 'DataBundle', 'ImageSplit', 'Loader', 'apply_views', 'augment_batch',
-           'build_data', 'build_eval_loader', 'cache_dir', 'channel_stats', 'draw_views', 'load_split',
-           'normalization', 'normalize', 'plan_batches', 'Placement', 'view_count']
+__all__ = ['Batch', 'BatchLoader', 'DataBundle', 'DataSource', 'ImageSplit', 'Loader', 'SOURCES', 'apply_views',
+           'augment_batch', 'build_data', 'build_eval_loader', 'cache_dir', 'channel_stats', 'draw_views',
+           'get_source', 'load_split', 'normalization', 'normalize', 'plan_batches', 'Placement', 'register_source',
+           'view_count']
 
 
 Stats = Tuple[torch.Tensor, torch.Tensor]
-SOURCE_STATS = {'cifar10': (CIFAR100_MEAN, CIFAR100_STD), 'cifar100': (CIFAR100_MEAN, CIFAR100_STD),
-                'mnist': (MNIST_MEAN, MNIST_STD)}
 
 
 @dataclass
@@ -49,7 +47,7 @@ def _check_classes(cfg: DataConfig, num_classes: int) -> None:
 def normalization(cfg: DataConfig, train: Optional[ImageSplit],
                   model_stats: Optional[Stats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The configured mean/std; else those the student's pretrained weights expect (``model_stats``); else CRD's
-    CIFAR statistics for CIFAR, MNIST's for MNIST, else the training images' own."""
+    CIFAR statistics for CIFAR, MNIST's for MNIST (the source's fixed ``stats``), else the training images' own."""
     if (cfg.mean is None) != (cfg.std is None):
         raise DistillError("set both data.mean and data.std, or neither (then the training images' statistics "
                            "are used)")
@@ -57,8 +55,9 @@ def normalization(cfg: DataConfig, train: Optional[ImageSplit],
         return torch.tensor(cfg.mean), torch.tensor(cfg.std)
     if model_stats is not None:
         return model_stats
-    if cfg.name in SOURCE_STATS:  # fixed, so a transfer set without some classes is normalised as the teacher was
-        return tuple(torch.tensor(values) for values in SOURCE_STATS[cfg.name])
+    fixed = get_source(cfg.name).stats  # so a transfer set without some classes is normalised as the teacher was
+    if fixed is not None:
+        return tuple(torch.tensor(values) for values in fixed)
     if train is None:
         train = load_split(cfg, train=True)
     return channel_stats(train.images)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DistillError
 from .batching import Batch, Placement, plan_batches
-from .sources import find_split_dir
+from .imagefolder import find_split_dir
 from .views import normalize
 
 

@@ -14,10 +14,9 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .base import (Need, PairedStagesLoss, StepOutputs, fp32_loss, register_loss, stages_after_stem,
-                   student_body)
+from ..models.features import PREACT
+from .base import Need, PairedStagesLoss, StepOutputs, fp32_loss, register_loss, stages_after_stem, student_body
 from .fitnet import ConvRegressor
-from ..features import PREACT
 
 
 @fp32_loss

@@ -19,8 +19,9 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 @fp32_loss
 def at_loss(student_features: List[torch.Tensor], teacher_features: List[torch.Tensor], p: float = 2.0) -> torch.Tensor:
-    return sum_over_pairs(student_features, teacher_features,
-                          lambda student, teacher: (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean())
+    def squared_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+    return sum_over_pairs(student_features, teacher_features, squared_distance)
 
 
 @register_loss('at')

@@ -66,9 +66,10 @@ class LossTerm(nn.Module):
 
     ``requires_teacher`` tells the engine to run the teacher; ``needs`` declares what else it needs (checked once
     by the engine: teacher features, a strong view, sample indices, per-sample state, a pre-stage);
-    ``student_layers`` / ``teacher_layers`` name the feature taps the term reads from ``step.student_features`` / ``step.teacher_features`` (``resolve_layers``
-    may choose them per model). ``setup`` builds adapters from a ``SetupContext``; their parameters train with
-    the student and are checkpointed, but are not part of the exported student.
+    ``student_layers`` / ``teacher_layers`` name the feature taps the term reads from ``step.student_features`` /
+    ``step.teacher_features`` (``resolve_layers`` may choose them per model). ``setup`` builds adapters from a
+    ``SetupContext``; their parameters train with the student and are checkpointed, but are not part of the exported
+    student.
     """
     requires_teacher: bool = False
     paper: str = ''  # the method's paper, for `distill methods`
@@ -198,7 +199,7 @@ def student_body(student: nn.Module) -> nn.Module:
 
 def stages_after_stem(model: nn.Module) -> list:
     """Stage indices 1..n-1 of ``feature_info`` (RepDistiller's ``feat[1:-1]``: every stage but the stem)."""
-    from ..features import feature_info_list
+    from ..models.features import feature_info_list
     return list(range(1, len(feature_info_list(model))))
 
 

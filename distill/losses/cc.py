@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.features import PRE_LOGITS
 from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
-from ..features import PRE_LOGITS
 
 
 class Embed(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DistillError
-from ..features import PRE_LOGITS
+from ..models.features import PRE_LOGITS
 from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .cc import Embed
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DistillError
+from ..models.features import feature_info_list
 from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss, student_body
-from ..features import feature_info_list
 
 
 def fsp_matrices(features: List[torch.Tensor]) -> List[torch.Tensor]:

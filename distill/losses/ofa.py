@@ -26,9 +26,9 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 
-from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss, stages_after_stem
-from ..features import feature_info_list
 from ..models._base import init_weights
+from ..models.features import feature_info_list
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss, stages_after_stem
 
 
 @fp32_loss

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import DistillError
+from ..models.features import PREACT, preact_norm
 from .base import LossTerm, Need, StepOutputs, deepest_stages, fp32_loss, register_loss
-from ..features import PREACT, preact_norm
 
 
 def bn_margin(norm: nn.BatchNorm2d) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.features import PRE_LOGITS, PREACT
 from .base import LossTerm, Need, StepOutputs, deepest_stages, fp32_loss, register_loss
-from ..features import PRE_LOGITS, PREACT
 
 
 class AttentionFusion(nn.Module):

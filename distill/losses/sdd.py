@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..errors import DistillError
-from ..features import feature_info_list
+from ..models.features import feature_info_list
 from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig, TransferConfig
 from ..errors import DistillError, first_line, nearest
-from ..export import quiet_hub
-from ..transfer import replace_head, transfer_parameters
+from ..runs.export import quiet_hub
+from .transfer import replace_head, transfer_parameters
 from .weights import load_backbone_weights, load_state_dict_file, load_weights
 
 

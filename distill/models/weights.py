@@ -6,8 +6,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint import torch_load
 from ..errors import DistillError, first_line
+from ..runs.checkpoint import torch_load
 
 # Keys under which known checkpoint formats nest their weights: distill and RepDistiller/mdistiller use
 # 'model', timm's train.py and many others 'state_dict'; a distill run with ``ema`` keeps the averaged student, the

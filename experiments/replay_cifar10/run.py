@@ -19,9 +19,9 @@ import sys
 import torch
 
 from distill.config import from_dict
-from distill.data.sources import link_subset
-from distill.pipeline import ensure_trained
-from distill.run_dir import RunDir
+from distill.data.imagefolder import link_subset
+from distill.sweeps.stages import ensure_trained
+from distill.runs.directory import RunDir
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py
 from common import experiment_parser, mean_std  # noqa: E402

@@ -18,10 +18,10 @@ import time
 
 import distill  # noqa: F401
 from distill.config import from_dict
-from distill.probe import extract_features, feature_loaders, train_probe
+from distill.tools.probe import extract_features, feature_loaders, train_probe
 from distill.models.factory import create_model
-from distill.runtime import resolve_device
-from distill.trainer import Trainer
+from distill.training.runtime import resolve_device
+from distill.training.trainer import Trainer
 from distill.config import ModelConfig, TransferConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py

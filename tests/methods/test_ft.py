@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from safetensors.torch import save_file
 
-from distill.checkpoint import load_checkpoint
+from distill.runs.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.losses import ft_loss
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from helpers import assert_matches_reference, digits_config, random_maps
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from distill.config import from_dict
 from distill.losses import mlkd_loss
-from distill.trainer import Trainer
+from distill.training.trainer import Trainer
 from helpers import assert_matches_reference, digits_config, random_logits, strip_times
 
 

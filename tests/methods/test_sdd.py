@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import distill  # noqa: F401  (registers the cifar_ models)
 from distill import Batch, Distiller
-from distill.features import FeatureExtractor
+from distill.models.features import FeatureExtractor
 from distill.losses import create_loss
 from distill.losses.dkd import dkd_loss
 from distill.losses.kd import kd_loss
