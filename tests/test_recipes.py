@@ -67,7 +67,9 @@ def test_every_pair_runs_every_method_with_the_reference_exceptions():
     logit standardization's base temperature and weight from the names of the official logs."""
     table = PairTable(TABLE)
     methods = table.all_methods
-    registered = {name for name, term in list_losses().items() if term.requires_teacher and not name.startswith('test_')}
+    # deit trains a distilled DeiT's token: the CIFAR-100 students have none (its recipes: experiments/imagenet/deit)
+    registered = {name for name, term in list_losses().items()
+                  if term.requires_teacher and not name.startswith('test_') and term.student_head == 'logits'}
     assert registered <= set(methods), f'methods without a CIFAR-100 recipe: {sorted(registered - set(methods))}'
     same_architecture = {'resnet56-resnet20': 2, 'resnet110-resnet32': 2, 'resnet32x4-resnet8x4': 8,
                          'wrn_40_2-wrn_16_2': 6, 'wrn_40_2-wrn_40_1': 6, 'vgg13-vgg8': 6}

@@ -33,7 +33,9 @@ class Need(str, enum.Enum):
 
 @dataclass
 class StepOutputs:
-    """Everything a loss term may use in one step. Teacher fields are None when training a student alone."""
+    """Everything a loss term may use in one step. Teacher fields are None when training a student alone.
+    ``student_logits`` is the student's class head; ``student_heads`` holds every head by name
+    (``models.heads``: ``logits``, and ``distillation`` for a distilled DeiT in distilled training)."""
     student_logits: torch.Tensor
     targets: torch.Tensor
     teacher_logits: Optional[torch.Tensor] = None
@@ -47,6 +49,7 @@ class StepOutputs:
     teacher_logits_strong: Optional[torch.Tensor] = None
     # Mixup/CutMix target distributions (N, C) where the batch was mixed; ``targets`` are then the unmixed labels.
     soft_targets: Optional[torch.Tensor] = None
+    student_heads: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,7 +72,8 @@ class LossTerm(nn.Module):
     ``student_layers`` / ``teacher_layers`` name the feature taps the term reads from ``step.student_features`` /
     ``step.teacher_features`` (``resolve_layers`` may choose them per model). ``setup`` builds adapters from a
     ``SetupContext``; their parameters train with the student and are checkpointed, but are not part of the exported
-    student.
+    student. ``student_head`` names the student output the term reads (``models.heads``); ``configure_student``
+    puts the student in the mode the term trains it in, once, before anything runs (DeiT: distilled training).
     """
     requires_teacher: bool = False
     paper: str = ''  # the method's paper, for `distill methods`
@@ -83,6 +87,10 @@ class LossTerm(nn.Module):
     pre_stage_epochs: int = 0
     pre_stage_lr: Optional[float] = None  # None: the recipe's optimizer.lr
     main_stage: bool = True
+    student_head: str = 'logits'  # the student output it reads: 'logits' (the class head) or 'distillation'
+
+    def configure_student(self, student: nn.Module) -> None:
+        """Put ``student`` in the mode this term trains it in, or refuse it in one line (DistillError)."""
 
     def pre_stage_loss(self, step: 'StepOutputs') -> torch.Tensor:
         raise NotImplementedError
@@ -169,8 +177,8 @@ def _type_name(annotation) -> str:
 def fp32_loss(fn: Callable) -> Callable:
     """Run a loss function in float32 even under autocast (tensor arguments, and lists of them, are cast):
     softmax/KL or Gram matrices in bf16 lose the small values that carry the teacher's knowledge."""
-    def cast(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
+    def cast(value):  # half precisions up; float32 and float64 as they are
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
             return value.float()
         if isinstance(value, (list, tuple)):
             return type(value)(cast(v) for v in value)

@@ -12,6 +12,7 @@ from ..data.batching import Batch
 from ..errors import DistillError
 from ..losses import LossTerm, Need, SetupContext, StepOutputs, create_loss
 from ..models.features import FeatureExtractor, probe_shapes
+from ..models.heads import DISTILLATION, LOGITS, has_distillation_head, student_heads
 from ..teaching.teachers import CachedTeacher, as_teacher
 
 # A loss spec: a weight, a dict of {'weight': w, **options}, or (weight, LossTerm module).
@@ -68,6 +69,13 @@ class Distiller(nn.Module):
                                f"teacher.checkpoint) or drop them to train the student alone")
         self.teacher = as_teacher(teacher)
         self.freezer = freezer
+        for term in self.loss_terms.values():
+            term.configure_student(student)
+        read = {term.student_head for term in self.loss_terms.values()}
+        # a note for the run's log: a distillation head no term reads trains on the averaged heads (timm's forward)
+        self.notes = ["the student's distillation head is trained as timm's forward gives it (averaged with the "
+                      "class head): no loss term reads it (losses.deit trains it on the teacher)"
+                      ] if has_distillation_head(student) and DISTILLATION not in read else []
         self.uses_teacher = any(self.loss_terms[name].requires_teacher for name in self.main_terms)
         self._setup_terms(input_size, train_targets)
         self.needs = self._check_needs()
@@ -131,9 +139,10 @@ class Distiller(nn.Module):
             raise DistillError("a loss term needs each sample's index in the training split: give the Batch "
                                "indices (distill's loaders do)")
         teacher_logits, teacher_features = self.teacher(batch) if run_teacher else (None, {})
-        student_logits, student_features = self.student_extractor(batch.images)
+        student_output, student_features = self.student_extractor(batch.images)
+        heads = student_heads(student_output)
         return StepOutputs(
-            student_logits=student_logits, targets=batch.labels, soft_targets=batch.soft_targets,
+            student_logits=heads[LOGITS], student_heads=heads, targets=batch.labels, soft_targets=batch.soft_targets,
             teacher_logits=teacher_logits,
             indices=batch.indices, epoch=epoch, student_features=dict(zip(self.student_extractor.keys,
                                                                           student_features)),
@@ -146,7 +155,7 @@ class Distiller(nn.Module):
                 raise DistillError("a loss term needs a strongly augmented view of each batch; train through "
                                    "distill.Trainer or give the Batch a strong view")
             # separate forward passes, as the reference: the student's BatchNorm sees each view's own statistics
-            step.student_logits_strong = self.student(batch.strong)
+            step.student_logits_strong = student_heads(self.student(batch.strong))[LOGITS]
             if self.uses_teacher:
                 step.teacher_logits_strong = self.teacher.logits(batch.strong)
         weighted = {name: self.loss_weights[name] * self.loss_terms[name](step) for name in self.main_terms}

@@ -80,6 +80,7 @@ class Trainer:
         input_size = (self.data.channels, cfg.data.image_size, cfg.data.image_size)
         self.distiller = runtime.place(Distiller(teacher, student, cfg.losses, input_size=input_size,
                                                  train_targets=self.data.train.split.labels, freezer=self.freezer))
+        self.model_notes += self.distiller.notes
         if self.freezer is not None:
             self.freezer.apply(0)
         self.trainable = self.distiller.trainable_modules()
