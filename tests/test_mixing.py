@@ -68,3 +68,28 @@ def test_mixed_batches_record_and_replay_and_refuse_single_class_terms(tmp_path,
                        **mixing)
     with pytest.raises(DistillError, match='erased or mixed images are not among the crop-and-flip views'):
         Trainer(views, quiet=True)
+
+
+def test_a_term_reading_the_labels_of_a_mixed_batch_without_declaring_them_stops_in_one_line():
+    """A term that reads ``step.targets`` but forgot ``Need.CLASS_LABELS`` (so mixing was not refused for it) would
+    read the unmixed labels of mixed images; it stops, naming itself. Unmixed batches and ce (soft targets) run."""
+    import timm
+    import torch.nn.functional as F
+
+    from distill import Distiller
+    from distill.losses import LossTerm, register_loss
+
+    @register_loss('test_reads_labels')
+    class ReadsLabels(LossTerm):
+        def forward(self, step):
+            return F.cross_entropy(step.student_logits, step.targets)
+
+    torch.manual_seed(0)
+    student = timm.create_model('cifar_resnet8', num_classes=4)
+    distiller = Distiller(None, student, {'ce': 1.0, 'test_reads_labels': 1.0})
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    assert distiller(Batch(images, labels))['loss'].item() > 0
+    mixed = Batch(images, labels, soft_targets=torch.tensor([[0.6, 0, 0, 0.4], [0.4, 0, 0, 0.6]]))
+    with pytest.raises(DistillError, match="loss term 'test_reads_labels' reads each sample's class, but mixup"):
+        distiller(mixed)
+    assert Distiller(None, distiller.student, {'ce': 1.0})(mixed)['loss'].item() > 0

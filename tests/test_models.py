@@ -126,3 +126,34 @@ def test_checkpoint_for_wrong_model_is_one_line_error(tmp_path):
         load_weights(timm.create_model('cifar_resnet8x4', num_classes=100), str(path))
     with pytest.raises(DistillError, match='not found'):
         load_weights(timm.create_model('cifar_resnet8x4', num_classes=100), str(tmp_path / 'nope.pth'))
+
+
+ZOO = timm.list_models('cifar_*') + timm.list_models('mnist_mlp*')
+
+
+@pytest.mark.parametrize('name', ZOO)
+def test_the_zoo_takes_timms_standard_model_arguments(name):
+    """What timm's train.py passes (its None defaults are dropped by create_model): every model is built on the
+    device and in the dtype asked for and runs there."""
+    chans, size = (1, 28) if name.startswith('mnist') else (3, 32)
+    model = timm.create_model(name, pretrained=False, in_chans=chans, num_classes=10, drop_rate=0.0,
+                              drop_path_rate=None, drop_block_rate=None, global_pool=None, bn_momentum=None,
+                              bn_eps=None, scriptable=None, checkpoint_path='', device='cpu', dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64} and model.in_chans == chans
+    assert model.eval()(torch.randn(2, chans, size, size, dtype=torch.float64)).shape == (2, 10)
+
+
+def test_drop_rate_is_dropout_before_the_classifier_and_drop_path_is_refused():
+    torch.manual_seed(0)
+    plain = timm.create_model('cifar_resnet8', num_classes=10)
+    dropped = timm.create_model('cifar_resnet8', num_classes=10, drop_rate=0.5, global_pool='avg')
+    dropped.load_state_dict(plain.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(dropped.eval()(images), plain.eval()(images))
+    features = plain.forward_features(images)
+    torch.manual_seed(1)
+    expected = plain.fc(torch.nn.functional.dropout(features.mean((2, 3)), 0.5, training=True))
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropped.train().forward_head(features), expected)
+    with pytest.raises(ValueError, match='cifar_resnet8 has no stochastic depth'):
+        timm.create_model('cifar_resnet8', drop_path_rate=0.1)

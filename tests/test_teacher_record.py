@@ -306,3 +306,24 @@ def test_two_torchrun_ranks_record_what_one_process_records_and_replay_it(tmp_pa
     recipe.write_text(yaml.safe_dump(cfg))
     refused = subprocess.run(torchrun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and 'the last batch of 1 images is dropped (2 processes)' in refused.stderr
+
+
+def test_only_a_loader_with_recorded_epochs_takes_a_recording(tmp_path):
+    """Record and replay read a loader's files, epoch order and seed (``RecordableLoader``): the streamed loader has
+    them; any other loader is refused in one line, not with an AttributeError mid-run."""
+    from distill.data import BatchLoader, ImageSplit
+    from distill.data.batching import RecordableLoader
+    from distill.data.streaming import StreamingLoader
+    from distill.teaching.recorded import recorded_teacher
+    assert set(RecordableLoader.__annotations__) == {'folder', 'epoch_order', 'epoch_seed', 'replay'}
+    image_folder(tmp_path / 'tree', per_class=2)
+    streamed = StreamingLoader(str(tmp_path / 'tree' / 'train'), 2, torch.zeros(3), torch.ones(3), True, 'crop', 8, 1,
+                               0, 0.875)
+    assert isinstance(streamed, RecordableLoader)
+    split = ImageSplit(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ['a', 'b'])
+    in_memory = BatchLoader(split, 2, torch.zeros(3), torch.ones(3), True)
+    cfg = from_dict(digits_config(tmp_path, 'r', teacher={'name': 'cifar_resnet8', 'checkpoint': 'unused'},
+                                  teacher_cache={'enabled': True, 'mode': 'record'}, losses={'ce': 0.1, 'kd': 0.9}))
+    with pytest.raises(DistillError, match='follows a loader.s recorded epochs, and BatchLoader records none'):
+        recorded_teacher(timm.create_model('cifar_resnet8', num_classes=2), None, cfg, in_memory, 2, 'fp32',
+                         str(tmp_path / 'records'))

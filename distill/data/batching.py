@@ -2,7 +2,7 @@
 the in-memory and streamed loaders implement, the in-memory ``BatchLoader``, and how a global batch is split
 over torch.distributed ranks."""
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Iterator, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -49,6 +49,18 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch the next ``__iter__`` serves (a replayed stream follows its recording's epochs), from its batch
         ``start`` (a resume inside the epoch: the generator then holds its state at the epoch's start)."""
+
+
+@runtime_checkable
+class RecordableLoader(Loader, Protocol):
+    """A loader whose epochs a teacher recording follows (the streamed ``StreamingLoader``): its ImageFolder
+    (``folder.root``, ``folder.samples``: what the recording's key hashes), the order and augmentation seed of the
+    epoch it serves (``epoch_order``, ``epoch_seed``: what a recording stores), and ``replay``: a recording whose
+    epochs' orders and seeds it follows instead of drawing its own (None: it draws them)."""
+    folder: Any
+    epoch_order: torch.Tensor
+    epoch_seed: int
+    replay: Optional[Any]
 
 
 def plan_batches(order: torch.Tensor, batch_size: int, train: bool, rank: int = 0,

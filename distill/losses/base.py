@@ -52,6 +52,25 @@ class StepOutputs:
     student_heads: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class MixedLabels:
+    """``StepOutputs.targets`` of a mixed batch (mixup/CutMix: two classes per image) for a term that did not declare
+    ``Need.CLASS_LABELS``: any use of it stops in one line naming the term, instead of reading unmixed labels."""
+
+    def __init__(self, term: str):
+        self.term = term
+
+    def _refuse(self, *args, **kwargs):
+        raise DistillError(f"loss term '{self.term}' reads each sample's class, but mixup/CutMix gave the batch two "
+                           f"classes per image; the term must declare Need.CLASS_LABELS (mixing is then refused for "
+                           f"it), or read step.soft_targets")
+
+    __getitem__ = __len__ = __iter__ = __eq__ = __ne__ = __getattr__ = _refuse
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        next(arg for arg in list(args) + list((kwargs or {}).values()) if isinstance(arg, MixedLabels))._refuse()
+
+
 @dataclass
 class SetupContext:
     """What a term may size itself from, once, before training: feature shapes of one dry run (keyed like

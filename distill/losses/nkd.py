@@ -26,7 +26,7 @@ targets use their argmax as the target class, as the official code does.
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature
 
 
@@ -62,6 +62,7 @@ class NKDLoss(LossTerm):
     paper = 'Yang et al., ICCV 2023'
     default_weight = 1.0
     requires_teacher = True
+    needs = frozenset({Need.CLASS_LABELS})  # the target class's probability
     pairs = 'any'
 
     def __init__(self, temperature: float = 3.0, gamma: float = 3.5):

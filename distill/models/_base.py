@@ -5,11 +5,13 @@ teacher checkpoints load with ``strict=True``) and describes itself as a list of
 that description into timm's model API: ``forward_features``, ``forward_head``, ``reset_classifier``,
 ``feature_info`` and ``forward_intermediates``.
 """
+import inspect
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -77,6 +79,7 @@ class CifarNet(nn.Module):
     """
 
     classifier_name = 'fc'
+    head_drop_rate = 0.0  # timm's drop_rate: dropout on the pooled features, before the classifier
 
     def _init_head(self, num_classes: int, num_features: int, feature_info: List[Dict[str, Any]],
                    global_pool: str = 'avg') -> None:
@@ -118,6 +121,8 @@ class CifarNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
+        if self.head_drop_rate:
+            x = F.dropout(x, p=self.head_drop_rate, training=self.training)
         return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +156,27 @@ class CifarNet(nn.Module):
         return self.final_norm(x), intermediates
 
 
+def build_variant(model_cls: type, variant: str, pretrained: bool, feature_cfg: Dict[str, Any],
+                  **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg``, taking the model arguments every timm model takes (so timm's ``train.py`` and
+    ``create_model(..., device=, dtype=)`` build these models too): ``device`` and ``dtype`` (the model is moved
+    there once built), ``drop_rate`` (dropout before the classifier; an architecture whose reference code defines
+    its own ``drop_rate``, WRN's dropout between convolutions, the MLPs' hidden dropout, keeps that meaning) and
+    ``drop_path_rate`` (none of these reference architectures has stochastic depth: only 0 is accepted); the model
+    carries ``in_chans`` as timm's do."""
+    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
+    if kwargs.pop('drop_path_rate', 0.0):
+        raise ValueError(f"{variant} has no stochastic depth (the reference architecture has none): drop_path_rate "
+                         f"must be 0")
+    parameters = inspect.signature(model_cls.__init__).parameters
+    head_drop_rate = 0.0 if 'drop_rate' in parameters else kwargs.pop('drop_rate', 0.0)
+    model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    model.in_chans = kwargs.get('in_chans', parameters['in_chans'].default)  # timm's attribute (its tasks read it)
+    if head_drop_rate:
+        model.head_drop_rate = head_drop_rate
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+
 def register_variants(module_name: str, model_cls: type, archs: Dict[str, Dict[str, Any]],
                       **cfg_overrides: Any) -> None:
     """Register one timm entrypoint per variant (``archs``: name -> constructor kwargs), built through
@@ -161,10 +187,9 @@ def register_variants(module_name: str, model_cls: type, archs: Dict[str, Dict[s
 
     def make_entrypoint(variant: str, arch_kwargs: Dict[str, Any]) -> Callable[..., nn.Module]:
         def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            return build_model_with_cfg(
-                model_cls, variant, pretrained,
-                feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', None)),
-                **arch_kwargs, **kwargs)
+            return build_variant(model_cls, variant, pretrained,
+                                 dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', None)),
+                                 **arch_kwargs, **kwargs)
         entrypoint.__name__ = entrypoint.__qualname__ = variant
         entrypoint.__module__ = module_name
         entrypoint.__doc__ = f'{variant}: {model_cls.__name__}({arch_kwargs})'

@@ -186,8 +186,9 @@ def probe_shapes(extractor: FeatureExtractor, input_size: Sequence[int]) -> List
     was_training = model.training
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device('cpu')
+    dtype = parameter.dtype if parameter is not None else torch.float32  # e.g. a float64 model
     model.eval()
     with torch.no_grad():
-        _, features = extractor(torch.zeros(2, *input_size, device=device))
+        _, features = extractor(torch.zeros(2, *input_size, device=device, dtype=dtype))
     model.train(was_training)
     return [f.shape for f in features]

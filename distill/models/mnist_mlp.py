@@ -14,9 +14,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._base import take_indices_of
+from ._base import build_variant, take_indices_of
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # the 60,000 training images' pixel statistics (scaled to [0, 1])
 
@@ -85,8 +85,8 @@ def _entrypoint(variant: str, hidden: Tuple[int, ...]):
     def entrypoint(pretrained: bool = False, **kwargs) -> MnistMLP:
         kwargs.setdefault('hidden', hidden)
         out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs['hidden']))))
-        return build_model_with_cfg(MnistMLP, variant, pretrained,
-                                    feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+        return build_variant(MnistMLP, variant, pretrained, dict(feature_cls='getter', out_indices=out_indices),
+                             **kwargs)
     entrypoint.__name__ = entrypoint.__qualname__ = variant
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f'{variant}: MnistMLP(hidden={hidden}), Hinton et al. 2015 §3'

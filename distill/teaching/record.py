@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..data.batching import RecordableLoader
 from ..errors import DistillError
 from ..files import atomic_write, atomic_write_json
 from .cache import digest_tensors
@@ -42,7 +43,8 @@ VERSION = 3  # in the key: another version's recording holds other images or val
 STORAGE = ('top_k', 'dtype')  # the key's fields that say how a recording stores the same logits
 
 
-def record_key(teacher: torch.nn.Module, loader, settings: Dict[str, Any]) -> Dict[str, Any]:
+def record_key(teacher: torch.nn.Module, loader: RecordableLoader,
+               settings: Dict[str, Any]) -> Dict[str, Any]:
     """What a recording's logits and images depend on: the teacher's weights (hash), the training files and
     labels (hash), the augmentation, teacher-input and storage (top_k, dtype) ``settings`` and the normalisation.
     Not the run seed: runs of any seed replay one recording (the recording run's seed is in its meta.json)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..data import Batch, plan_batches
+from ..data.batching import RecordableLoader
 from ..errors import DistillError
 from .inputs import TeacherInput
 from .record import VERSION, Recording, dense_logits, key_folder, open_replay, record_key, record_values
@@ -18,8 +19,8 @@ class RecordingTeacher(LogitsOnlyTeacher):
     order and seed, to ``recording`` at every epoch end. Under torchrun each rank records the images of its
     part of every batch; the ranks' buffers are summed (each row is non-zero on one rank) and rank 0 writes."""
 
-    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
-                 top_k: int, dtype: str, info: Dict[str, Any]):
+    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording,
+                 loader: RecordableLoader, top_k: int, dtype: str, info: Dict[str, Any]):
         super().__init__(model, adapter)
         self.recording, self.loader, self.top_k, self.info = recording, loader, top_k, info
         self.dtype = {'float16': torch.float16, 'float32': torch.float32}[dtype]
@@ -85,8 +86,8 @@ class ReplayTeacher(LogitsOnlyTeacher):
     """The recorded teacher's logits of each batch's images (``record.dense_logits``); the model itself is
     kept for evaluation only and never runs in training. The loader follows the recording's order and seeds."""
 
-    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording, loader,
-                 num_classes: int):
+    def __init__(self, model: nn.Module, adapter: Optional[TeacherInput], recording: Recording,
+                 loader: RecordableLoader, num_classes: int):
         super().__init__(model, adapter)
         self.recording, self.loader, self.num_classes = recording, loader, num_classes
         self.current: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
@@ -104,6 +105,9 @@ class ReplayTeacher(LogitsOnlyTeacher):
 def recorded_teacher(model: nn.Module, adapter: Optional[TeacherInput], cfg, loader, num_classes: int,
                      precision: str, root: str) -> LiveTeacher:
     """``teacher_cache.mode`` record or replay on a streamed loader, the recordings under ``root``."""
+    if not isinstance(loader, RecordableLoader):
+        raise DistillError(f"teacher_cache.mode={cfg.teacher_cache.mode} follows a loader's recorded epochs, and "
+                           f"{type(loader).__name__} records none; stream the data (data.in_memory=false)")
     top_k = min(cfg.teacher_cache.top_k or num_classes, num_classes)
     settings = {'teacher': cfg.teacher.name, 'augment': cfg.data.augment, 'auto_augment': cfg.data.auto_augment,
                 'image_size': cfg.data.image_size, 'crop_padding': cfg.data.crop_padding,

@@ -3,6 +3,7 @@
 One step is ``Distiller.forward(batch: Batch, epoch)``; nothing about a method is known here beyond what its
 term declares (``requires_teacher``, ``needs``, feature taps, a pre-stage).
 """
+import dataclasses
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn as nn
 from ..data.batching import Batch
 from ..errors import DistillError
 from ..losses import LossTerm, Need, SetupContext, StepOutputs, create_loss
+from ..losses.base import MixedLabels
 from ..models.features import FeatureExtractor, probe_shapes
 from ..models.heads import DISTILLATION, LOGITS, has_distillation_head, student_heads
 from ..teaching.teachers import CachedTeacher, as_teacher
@@ -158,9 +160,17 @@ class Distiller(nn.Module):
             step.student_logits_strong = student_heads(self.student(batch.strong))[LOGITS]
             if self.uses_teacher:
                 step.teacher_logits_strong = self.teacher.logits(batch.strong)
-        weighted = {name: self.loss_weights[name] * self.loss_terms[name](step) for name in self.main_terms}
+        weighted = {name: self.loss_weights[name] * self.loss_terms[name](self._term_step(name, step))
+                    for name in self.main_terms}
         return {'loss': sum(weighted.values()), 'logits': step.student_logits,
                 'terms': {name: value.detach() for name, value in weighted.items()}}
+
+    def _term_step(self, name: str, step: StepOutputs) -> StepOutputs:
+        """The step as term ``name`` sees it: on a mixed batch its ``targets`` refuse to be read unless the term
+        declared ``Need.CLASS_LABELS`` (which the mixing itself refuses), so no term reads unmixed labels silently."""
+        if step.soft_targets is None or Need.CLASS_LABELS in self.loss_terms[name].needs:
+            return step
+        return dataclasses.replace(step, targets=MixedLabels(name))
 
     def pre_stage_terms(self, epoch: int) -> List[str]:
         """Terms whose pre-stage still runs at pre-stage epoch ``epoch`` (0-based)."""
