@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from distill.sweeps import launch, stages
+from distill.sweeps import child as training_child, stages
 from distill.errors import DistillError
 from distill.cli import main
 from helpers import digits_config, strip_times
@@ -59,7 +59,7 @@ def test_a_jobs_training_is_forked_with_the_environment_and_signals_of_a_fresh_p
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as submitit's job process has
     try:
         overrides = {'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'DISTILL_TEST_UNSET': None}
-        child, stderr = launch._start_training({'recipe': 'r.yaml', 'quiet': True}, overrides)
+        child, stderr = training_child.start_training({'recipe': 'r.yaml', 'quiet': True}, overrides)
         with stderr:
             lines = stderr.read().splitlines()
         child.join()

@@ -137,3 +137,17 @@ def test_only_public_timm_apis_are_used():
             if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('timm'):
                 assert not any(part.startswith('_') for part in node.module.split('.')), (module, node.module)
         assert not private.search(source), (module, private.search(source).group(0))
+
+
+def test_every_folder_of_the_package_installs():
+    """setup.cfg's find: takes packages with an __init__.py; a folder without one (or one git ignores) would work
+    from a checkout and be missing from a wheel."""
+    import subprocess
+    from setuptools import find_packages
+    folders = sorted(os.path.relpath(root, os.path.dirname(PACKAGE)).replace(os.sep, '.')
+                     for root, _, files in os.walk(PACKAGE) if any(name.endswith('.py') for name in files))
+    assert sorted(find_packages(os.path.join(PACKAGE, '..'), include=['distill*'])) == folders
+    tracked = subprocess.run(['git', 'ls-files', '--', 'distill'], cwd=os.path.join(PACKAGE, '..'),
+                             capture_output=True, text=True).stdout.split()
+    if tracked:  # a git checkout: every package's __init__.py is committed
+        assert {f'{folder.replace(".", "/")}/__init__.py' for folder in folders} <= set(tracked)

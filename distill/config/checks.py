@@ -2,7 +2,7 @@
 it does not know), the streaming settings, the example a non-positive setting's message gives, and a teacher
 without weights."""
 import re
-from typing import Optional
+from typing import Optional, Set
 
 from ..errors import DistillError, nearest
 
@@ -69,8 +69,17 @@ def check_auto_augment(config: Optional[str]) -> None:
                                f"are {valid} (e.g. {example})")
 
 
+# the names of the registered data sources: data.register_source adds each (importing distill registers the
+# built-in ones), so a recipe naming another is refused when it is parsed, before anything runs
+DATA_SOURCES: Set[str] = set()
+
+
 def check_data(data) -> None:
-    """The ``DataConfig`` ``data``: normalisation, augmentation and mixing ranges, streamed vs in-memory settings."""
+    """The ``DataConfig`` ``data``: its source, normalisation, augmentation and mixing ranges, streamed vs in-memory
+    settings."""
+    if data.name not in DATA_SOURCES:
+        raise DistillError(f"data.name must be one of {sorted(DATA_SOURCES)}, got {data.name!r}"
+                           f"{nearest(data.name, DATA_SOURCES)}")
     for key in ('mean', 'std'):
         values = getattr(data, key)
         if values is not None and len(values) not in (1, 3):

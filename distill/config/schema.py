@@ -99,7 +99,7 @@ class TrainerConfig:
 
 @dataclass
 class TransferConfig:
-    """How a pretrained student is fine-tuned (see distill/transfer.py)."""
+    """How a pretrained student is fine-tuned (see distill/models/transfer.py)."""
     new_head: bool = False  # a fresh classifier for the data's classes (the weights' old one is skipped, reported)
     head_hidden: Optional[int] = None  # new head with one hidden layer of this width (ReLU)
     head_dropout: float = 0.0  # dropout before the new head's linear layer(s)
@@ -128,7 +128,7 @@ class TeacherCacheConfig:
     dir: Optional[str] = None  # default: $DISTILL_CACHE/teacher_logits (~/.cache/distill/teacher_logits)
     dtype: str = 'float16'  # float16 (half the memory) | float32 (equal to the live teacher's fp32 logits)
     mode: str = 'views'  # views: the table above (in-memory data) | record | replay: a streamed run's teacher top-k
-    # logits per (epoch, image), recorded once and replayed by later runs without a teacher (distill/teacher_record.py)
+    # logits per (epoch, image), recorded once and replayed by later runs without a teacher (distill/teaching/record.py)
     top_k: Optional[int] = 10  # record: logits kept per image (TinyViT's k); null: every class (with float32: exact)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
+from ..config.checks import DATA_SOURCES
 from ..errors import DistillError, nearest
 
 
@@ -43,6 +44,7 @@ SOURCES: Dict[str, DataSource] = {}
 
 def register_source(name: str, source: DataSource) -> None:
     SOURCES[name] = source
+    DATA_SOURCES.add(name)  # what recipes may name
 
 
 def get_source(name: str) -> DataSource:

@@ -167,7 +167,7 @@ class StreamingLoader:
         self._batches, self._loader, self._stream = _EpochBatches(), None, None
         self.epoch_seed = 0  # the current epoch's: with an index, it regenerates an image (``augmented``)
         self.epoch, self.start, self.epoch_order = 0, 0, torch.arange(0)
-        self.replay = None  # a teacher_record.Recording whose epochs' orders and seeds this loader follows
+        self.replay = None  # a teaching.record.Recording whose epochs' orders and seeds this loader follows
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start

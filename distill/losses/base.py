@@ -64,11 +64,28 @@ class MixedLabels:
                            f"classes per image; the term must declare Need.CLASS_LABELS (mixing is then refused for "
                            f"it), or read step.soft_targets")
 
-    __getitem__ = __len__ = __iter__ = __eq__ = __ne__ = __getattr__ = _refuse
+    __getitem__ = __len__ = __iter__ = __eq__ = __ne__ = _refuse
+
+    def __getattr__(self, name: str):
+        if name.startswith('__'):  # copy, pickle and hasattr probe these
+            raise AttributeError(name)
+        self._refuse()
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        next(arg for arg in list(args) + list((kwargs or {}).values()) if isinstance(arg, MixedLabels))._refuse()
+        cls(', '.join(sorted(_terms(args, kwargs))))._refuse()
+
+
+def _terms(args, kwargs) -> set:
+    """The terms whose ``MixedLabels`` are among a torch function's arguments (in lists too)."""
+    found, stack = set(), list(args) + list((kwargs or {}).values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, MixedLabels):
+            found.add(value.term)
+        elif isinstance(value, (list, tuple)):
+            stack += list(value)
+    return found
 
 
 @dataclass

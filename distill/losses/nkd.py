@@ -20,8 +20,9 @@ follow the fixed code; the earlier versions (-1000 masking, then division by 1 -
 Defaults: tau = 3, gamma = 3.5, weight 1 with CE 1: the official repository's only CIFAR-100 teacher-student config
 (``configs/distillers/cifar100/res34_distill_res18_cifar.py``: ``temp=3.0, gamma=3.5``, the loss added unweighted
 to the student head's cross-entropy). Its ImageNet configs (and the loss class's own defaults) use tau = 1, gamma = 1.5
-(``configs/distillers/imagenet/res34_distill_res18_img.py``, ``res50_distill_mv1_img.py``). Soft (one-hot or mixed)
-targets use their argmax as the target class, as the official code does.
+(``configs/distillers/imagenet/res34_distill_res18_img.py``, ``res50_distill_mv1_img.py``). Soft (one-hot) targets use
+their argmax as the target class, as the official code does; mixed batches are refused (it declares
+``Need.CLASS_LABELS``: a mixed image has two classes).
 """
 import torch
 import torch.nn.functional as F

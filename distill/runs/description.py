@@ -10,7 +10,7 @@ def _count(module: nn.Module) -> int:
 
 
 def describe_run(trainer) -> Iterator[str]:
-    """The lines describing a ``Trainer`` about to train (from its ``start_epoch``)."""
+    """The lines describing a ``Trainer`` about to train (from ``state.epoch``, where a resume starts)."""
     cfg, distiller, data, dist = trainer.cfg, trainer.distiller, trainer.data, trainer.dist
     teacher = (f"teacher {cfg.teacher.name} ({_count(distiller.teacher):,} params, frozen) -> "
                if distiller.teacher is not None else "")

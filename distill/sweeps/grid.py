@@ -37,7 +37,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from ..config import Config, config_of, load_config
 from ..config.checks import check_teacher_weights
 from ..config.recipes import PairTable, recipe_data
-from ..data import get_source
 from ..errors import DistillError, nearest
 from ..files import load_yaml_mapping
 from ..runs.directory import FINISHED, INTERRUPTED, NEW, RunDir
@@ -121,10 +120,6 @@ def plan(grid_path: str, grid: Optional[Dict[str, Any]] = None) -> List[Run]:
                                                              f'trainer.run_name={run_name}']
             run = Run(recipe, pair, method, overrides, config_of(data, default_name, overrides))
             check_teacher_weights(run.config, f"{grid_path}: run {run_name}: ")
-            try:
-                get_source(run.config.data.name)
-            except DistillError as exc:
-                raise DistillError(f"{grid_path}: run {run_name}: {exc}") from None
             other = runs.setdefault(os.path.abspath(run.run_dir.path), run)
             if other is not run:
                 raise DistillError(f"{grid_path}: {_source(other)} and {_source(run)} both train into "

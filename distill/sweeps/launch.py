@@ -2,8 +2,8 @@
 LocalExecutor, at most ``--parallel`` at once) and waits for them; ``slurm`` submits them to a SLURM cluster as sbatch
 job arrays and returns.
 
-A job runs ``distill train`` in a child process forked from the job's, which has imported distill (torch and timm
-with it) to unpickle the job: a fresh interpreter would import them a second time, seconds per job. Each task of a
+A job runs ``distill train`` in a child process forked from the job's (``child``: the job has imported distill,
+torch and timm to unpickle itself, and a fresh interpreter would import them again, seconds per job). Each task of a
 multi-GPU job runs one rank, with the env torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) taken from
 SLURM's, so training takes the path it takes under torchrun. It resumes from the run's ``checkpoints/last.pt``
 whenever one exists. Near the wall-clock limit, or on preemption, SLURM (or the local controller) signals the job;
@@ -21,14 +21,15 @@ import signal
 import socket
 import sys
 import time
-from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from ..errors import DistillError, exit_code, first_line, nearest
+from ..errors import DistillError, first_line, nearest
 from ..files import atomic_write_json
 from ..runs.directory import RunDir
+from .child import CHILD_SIGNALS, blocked, start_training
 from .run_state import STATE, SUBMITTED, describe_exit
 
 EXECUTORS = ('local', 'slurm')
@@ -124,12 +125,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         lead = job.global_rank == 0  # the task that records the job's state (rank 0 also writes the run's files)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         resume = os.path.isfile(self.run_dir.last)
-        self._child, stderr = _start_training({**self.command, 'resume': resume}, self.env)
-        if lead:
-            self._record(job.job_id, 'running', host=socket.gethostname(), pid=os.getpid(),
-                         training_pid=self._child.pid, resumed=resume)
         last = ''
         try:
+            with blocked(CHILD_SIGNALS):  # a requeue signal now would find no child to stop
+                self._child, stderr = start_training({**self.command, 'resume': resume}, self.env)
+            if lead:
+                self._record(job.job_id, 'running', host=socket.gethostname(), pid=os.getpid(),
+                             training_pid=self._child.pid, resumed=resume)
             with stderr:
                 for line in stderr:  # into the job's log, keeping the last line for distill grid --status
                     sys.stderr.write(line)
@@ -168,66 +170,6 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _record(self, job_id: str, state: str, **fields: Any) -> None:
         atomic_write_json(os.path.join(self.run_dir.path, STATE), {'job_id': job_id, 'state': state,
                                                                    'time': time.time(), **fields})
-
-
-def _start_training(command: Dict[str, Any], env: Dict[str, Optional[str]]
-                    ) -> Tuple[multiprocessing.process.BaseProcess, IO[str]]:
-    """``stages.train(**command)`` in a forked child, its stderr through a pipe; the child and the pipe's reading
-    end."""
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    child = multiprocessing.get_context('fork').Process(target=_train,
-                                                        args=(command, env, os.getpid(), read_end, write_end),
-                                                        name='distill train')
-    child.start()
-    os.close(write_end)
-    return child, os.fdopen(read_end, errors='replace')
-
-
-def _train(command: Dict[str, Any], env: Dict[str, Optional[str]], job_pid: int, read_end: int,
-           write_end: int) -> None:
-    """The child: stderr into the pipe, the signals and environment a fresh ``distill train`` process would have,
-    then the command, which exits as ``distill train`` does (one line and 2 for a user mistake)."""
-    os.close(read_end)
-    os.dup2(write_end, sys.stderr.fileno())
-    os.close(write_end)
-    _child_signals(job_pid)
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if env.get('OMP_NUM_THREADS'):  # OpenMP read the variable when the job process loaded it
-        import torch
-        torch.set_num_threads(int(env['OMP_NUM_THREADS']))
-    from .stages import train
-    sys.exit(exit_code(lambda: train(**command)))
-
-
-def _child_signals(job_pid: int) -> None:
-    """SLURM sends the preemption signal to every process of the job, and the task answers it (the child would die
-    of it); submitit's handlers of the job process are not the child's; Ctrl-C (SIGINT) stops the child cleanly, also
-    where the job's processes do not take it (``_training_takes_ctrl_c``, or a background shell); the child dies with
-    the job."""
-    signal.signal(signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG], signal.SIG_IGN)
-    for name in ('SIGTERM', 'SIGCONT'):
-        signal.signal(signal.Signals[name], signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent(job_pid)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the child is killed when the job process dies, even by SIGKILL (an orphan would go on writing the run
-    while a rerun of the grid starts a second trainer on it). Every file of a run is written atomically, so the
-    rerun resumes from the last checkpoint."""
-    if sys.platform.startswith('linux'):
-        import ctypes
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the job died before the request took effect
-            os._exit(1)
 
 
 @contextlib.contextmanager

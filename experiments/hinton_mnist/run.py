@@ -34,8 +34,8 @@ SWEEP_STUDENTS = {'300': 'mnist_mlp_300', '30': 'mnist_mlp_30'}
 class Run:
     """One `distill train` run: a recipe of this folder with overrides, named ``name`` under the output folder."""
 
-    def __init__(self, args, name, recipe, *overrides, needs_teacher=False, sweep=False):
-        self.name, self.needs_teacher = name, needs_teacher
+    def __init__(self, args, name, recipe, *overrides, needs_teacher=False, sweep=False, after=None):
+        self.name, self.needs_teacher, self.after = name, needs_teacher, after
         self.folder = os.path.join(args.output, name)
         epochs = ['trainer.epochs=2'] if args.quick else ([f'trainer.epochs={args.sweep_epochs}'] if sweep else [])
         self.command = [sys.executable, '-m', 'distill', 'train', os.path.join(HERE, recipe),
@@ -46,6 +46,17 @@ class Run:
 
     def finished(self) -> bool:
         return os.path.isfile(os.path.join(self.folder, 'summary.json'))
+
+    def first_epoch_done(self) -> bool:
+        metrics = os.path.join(self.folder, 'metrics.jsonl')
+        return self.finished() or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0)
+
+    def ready(self, teacher_done: bool) -> bool:
+        """The teacher trained (if it needs it), and the run that fills its teacher-logit table through its first
+        epoch (``after``) past it: the table then holds that run's logits for every image, whoever reads it. Two
+        runs filling one table at once would each store logits computed in their own batches, which differ in the
+        last bits, and a run's numbers would depend on the other's timing."""
+        return (teacher_done or not self.needs_teacher) and (self.after is None or self.after.first_epoch_done())
 
     def start(self, log_folder: str) -> subprocess.Popen:
         resume = ['--resume'] if os.path.isfile(os.path.join(self.folder, 'checkpoints', 'last.pt')) else []
@@ -74,6 +85,9 @@ def plan(args):
         runs[f'sweep_{units}'] = [Run(args, f'sweep{units}-T{t:g}', 'kd.yaml', f'student.name={model}',
                                       f'losses.kd.temperature={t}', needs_teacher=True, sweep=True)
                                   for t in args.temperatures]
+    filler = runs['kd'][0]  # the KD seeds and the sweep share one teacher-logit table (same teacher, images, views)
+    for run in runs['kd'][1:] + runs['sweep_300'] + runs['sweep_30']:
+        run.after = filler
     return runs
 
 
@@ -84,12 +98,13 @@ def train_all(runs, jobs: int, log_folder: str) -> dict:
     active, seconds = {}, {}
     while waiting or active:
         teacher_done = runs['teacher'][0].finished()
-        for run in [run for run in waiting if teacher_done or not run.needs_teacher][:jobs - len(active)]:
+        for run in [run for run in waiting if run.ready(teacher_done)][:jobs - len(active)]:
             waiting.remove(run)
             active[run] = (run.start(log_folder), time.time())
             print(f"started {run.name}", flush=True)
         if not active:
-            raise SystemExit(f"the teacher run did not finish: see {log_folder}/teacher-s0.log")
+            blocker = next((run.after for run in waiting if run.after is not None), runs['teacher'][0])
+            raise SystemExit(f"{blocker.name} did not finish: see {log_folder}/{blocker.name}.log")
         time.sleep(1.0)
         for run, (process, started) in list(active.items()):
             if process.poll() is not None:
