@@ -7,16 +7,14 @@ checkpointed, not exported.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..models.features import PRE_LOGITS
-from .base import LossTerm, Need, SetupContext, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, SetupContext, StepOutputs, register_loss
+from .fitnet import fitnet_loss
 
 
-@fp32_loss
-def pooled_mse_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of two (batch, width) feature matrices (mean over every element)."""
-    return F.mse_loss(student_features, teacher_features)
+# the mean squared error (over every element) of FitNets' hint, here of (batch, width) pooled features
+pooled_mse_loss = fitnet_loss
 
 
 @register_loss('pooled_mse')
