@@ -111,6 +111,7 @@ def test_a_recording_run_killed_inside_an_epoch_resumes_to_the_same_student_and_
     assert len(metas) == 2 and metas[0]['epochs'] == metas[1]['epochs'] and len(metas[0]['epochs']) == 2
 
 
+@pytest.mark.slow  # an interrupted, a resumed and an uninterrupted training process (~20 s each case)
 @pytest.mark.parametrize('signum, step_on_epochs', [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_a_stop_signal_checkpoints_after_the_current_step_and_the_resumed_run_ends_the_same(tmp_path, signum,
                                                                                              step_on_epochs,

@@ -48,6 +48,7 @@ def test_an_erased_batch_is_timms_random_erasing():
     assert erased.images is images  # a loader's batch is made afresh: no copy
 
 
+@pytest.mark.slow  # records and replays two streamed runs (~30 s)
 def test_mixed_batches_record_and_replay_and_refuse_single_class_terms(tmp_path, setup):  # noqa: F811
     """Teacher and student see the same erased and mixed batch; a replay of an erasing + mixup + CutMix recording
     erases and mixes as the recording run did (its students end bit-equal); DKD (one class per sample) and the views
