@@ -52,9 +52,9 @@ def _train(command: Dict[str, Any], env: Dict[str, Optional[str]], job_pid: int,
 def _child_signals(job_pid: int) -> None:
     """SLURM sends the preemption signal to every process of the job, and the task answers it (the child would die
     of it); submitit's handlers of the job process are not the child's; Ctrl-C (SIGINT) stops the child cleanly, also
-    where the job's processes do not take it (``_training_takes_ctrl_c``, or a background shell); the child dies with
-    the job. The signals were blocked across the fork: they reach the child's own handlers, set here."""
-    signal.signal(signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG], signal.SIG_IGN)
+    where the job's processes do not take it (``launch.run_local`` blocks it for them, or a background shell); the
+    child dies with the job. The signals were blocked across the fork: they reach the child's own handlers, set here."""
+    signal.signal(PREEMPTION, signal.SIG_IGN)
     for name in ('SIGTERM', 'SIGCONT'):
         signal.signal(signal.Signals[name], signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -74,13 +74,15 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-CHILD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCONT, signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]}
+PREEMPTION = signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]  # what SLURM and the local controller send
+CHILD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCONT, PREEMPTION}
 
 
 @contextlib.contextmanager
 def blocked(signals) -> Iterator[None]:
-    """``signals`` held back (delivered when this ends) while a child is forked and recorded: the child starts with
-    the job process's Python handlers, and the job's requeue handler must find the child it has to stop."""
+    """``signals`` held back in this thread (delivered when this ends), and blocked in the processes it starts: while a
+    child is forked and recorded (the child starts with the job process's Python handlers, and the job's requeue
+    handler must find the child it has to stop), and for the local jobs (Ctrl-C left to the training)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield

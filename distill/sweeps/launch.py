@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -172,18 +172,6 @@ class TrainJob(submitit.helpers.Checkpointable):
                                                                    'time': time.time(), **fields})
 
 
-@contextlib.contextmanager
-def _training_takes_ctrl_c() -> Iterator[None]:
-    """Processes started here (submitit's local controller, and through it each job's task) leave Ctrl-C to the
-    training process (the controller would answer it with a traceback): that stops cleanly and so ends its job. A
-    blocked signal stays blocked in processes started from this thread."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def record_submission(run_dir: RunDir, executor: str, job: submitit.Job, folder: str) -> None:
     atomic_write_json(os.path.join(run_dir.path, SUBMITTED), {
         'executor': executor, 'job_id': job.job_id, 'host': socket.gethostname(), 'submitted': time.time(),
@@ -198,7 +186,10 @@ def run_local(jobs: List[TrainJob], spec: ExecutorSpec, folder: str, parallel: i
         while waiting or active:
             while waiting and len(active) < parallel:
                 train_job = waiting.pop(0)
-                with _training_takes_ctrl_c():
+                # processes started with SIGINT blocked (submitit's local controller, through it each job's task)
+                # keep it blocked: Ctrl-C goes to the training process alone, which stops cleanly and ends its job
+                # (the controller would answer it with a traceback)
+                with blocked({signal.SIGINT}):
                     active.append(executor.submit(train_job))
                 record_submission(train_job.run_dir, 'local', active[-1], folder)
             time.sleep(POLL_S)
