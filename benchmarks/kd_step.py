@@ -49,7 +49,7 @@ def main() -> None:
     distiller = Distiller(teacher, student, {'ce': 0.1, 'kd': {'weight': 0.9, 'temperature': 4.0}}).train()
 
     def engine_kd():
-        loss = distiller(Batch(images, targets))['loss']
+        loss = distiller(Batch(images, targets)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -62,7 +62,7 @@ def main() -> None:
     cached(batch)  # fills the table: every timed step reads it
 
     def cached_kd():
-        loss = cached(batch)['loss']
+        loss = cached(batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -15,6 +15,7 @@ import distill
 from common import pair_arguments, time_steps
 from distill import Batch, Distiller, list_losses
 from distill.losses import Need
+from distill.training.prestage import PreStage
 
 
 def main() -> None:
@@ -41,9 +42,9 @@ def main() -> None:
         batch = Batch(images, targets, indices, None, strong)
 
         def step():
-            out = distiller.pre_stage_forward(batch, 0) if pre_stage else distiller(batch, epoch=30)
+            out = PreStage(distiller).forward(batch, 0) if pre_stage else distiller(batch, epoch=30)
             optimizer.zero_grad(set_to_none=True)
-            out['loss'].backward()
+            out.loss.backward()
             optimizer.step()
         return step
 

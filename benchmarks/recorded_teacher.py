@@ -89,7 +89,7 @@ def step_part(args, work: str) -> None:
 
     def training_step(distiller):
         def step():
-            loss = distiller(batch)['loss']
+            loss = distiller(batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

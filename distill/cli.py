@@ -101,7 +101,7 @@ def method_table() -> str:
     for name, cls in sorted(list_losses().items()):
         options = ', '.join(f'{p.name}={p.default!r}' for p in inspect.signature(cls.__init__).parameters.values()
                             if p.name != 'self' and p.default is not inspect.Parameter.empty)
-        needs = ['teacher'] * cls.requires_teacher + sorted(need.value for need in cls.needs)
+        needs = sorted(need.value for need in cls.needs)
         rows.append(f"| {name} | {cls.paper} | {cls.default_weight:g} | {options} | {', '.join(needs) or '-'} | "
                     f"{cls.pairs} |")
     return '\n'.join(rows)

@@ -2,11 +2,24 @@
 the loss reference tests."""
 import copy
 import os
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Sequence
 
+import pytest
 import torch
 
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpeg')
+
+
+def quick_sample(cases: Sequence[tuple], *keys: Callable[[tuple], Any]) -> list:
+    """The cases of an exhaustive test matrix with only a sample in the quick loop (``pytest -m 'not slow'``): a case
+    stays quick where it is the first with some value of one of ``keys`` (e.g. the first pair of each method and the
+    first method of each pair); the others are marked slow, and CI runs them all."""
+    seen, params = set(), []
+    for case in cases:
+        values = {(index, key(case)) for index, key in enumerate(keys)}
+        params.append(pytest.param(*case, marks=() if values - seen else pytest.mark.slow))
+        seen |= values
+    return params
 
 
 def digits_config(output_dir, run_name='run', epochs=3, **sections: Dict[str, Any]) -> Dict[str, Any]:

@@ -14,9 +14,10 @@ from distill import Batch, Distiller
 from distill.runs.checkpoint import load_checkpoint
 from distill.config import from_dict
 from distill.losses import Need, list_losses
+from distill.training.prestage import PreStage
 from distill.training.trainer import Trainer
 from engine_helpers import METHODS, TRAIN_TARGETS, _build, _pair
-from helpers import digits_config, strip_times
+from helpers import digits_config, quick_sample, strip_times
 
 
 def _one_step(distiller, images, targets, pre_stage=False):
@@ -24,15 +25,15 @@ def _one_step(distiller, images, targets, pre_stage=False):
     distiller.train()
     teacher_state = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
     indices = torch.arange(len(images))
-    if pre_stage:  # as Trainer.run_pre_stage: the pre-stage modules train even if fixed afterwards
-        for name in distiller.pre_stage_terms(0):
+    if pre_stage:  # as PreStage.run: the pre-stage modules train even if fixed afterwards
+        for name in PreStage(distiller).active(0):
             for module in distiller.loss_terms[name].pre_stage_modules(distiller.student):
                 module.requires_grad_(True)
     strong = images.flip(-1).roll(1, dims=-2) if Need.STRONG_VIEW in distiller.needs else None  # MLKD's 2nd view
     batch = Batch(images, targets, indices, None, strong)
-    output = distiller.pre_stage_forward(batch, 0) if pre_stage else distiller(batch, epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss'])
+    output = PreStage(distiller).forward(batch, 0) if pre_stage else distiller(batch, epoch=0)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
     assert all(p.grad is None for p in distiller.teacher.parameters())
     for key, value in distiller.teacher.state_dict().items():  # BN running stats included
         assert torch.equal(value, teacher_state[key]), key
@@ -51,7 +52,7 @@ def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
     assert term.main_stage or term.pre_stage_epochs > 0
     if term.main_stage:
         output = _one_step(distiller, images, targets)
-        assert set(output['terms']) == {'ce', method} and output['terms'][method] > 0
+        assert set(output.terms) == {'ce', method} and output.terms[method] > 0
         assert all(p.grad is not None for p in distiller.student.parameters())
         for name, param in term.named_parameters():  # adapters trained in the main stage get gradient
             assert (param.grad is not None and param.grad.abs().sum() > 0) == param.requires_grad, name
@@ -60,13 +61,13 @@ def test_method_trains_student_and_adapters_only_on_cnn_pair(method):
         alone = Distiller(teacher, student, {method: METHODS[method]}, input_size=(3, 16, 16),
                           train_targets=TRAIN_TARGETS)
         alone.train()
-        alone(Batch(images, targets, torch.arange(8), None, images.flip(-1)), epoch=0)['loss'].backward()
+        alone(Batch(images, targets, torch.arange(8), None, images.flip(-1)), epoch=0).loss.backward()
         assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
     if term.pre_stage_epochs > 0:
         distiller.zero_grad(set_to_none=True)
         modules = term.pre_stage_modules(student)
         output = _one_step(distiller, images, targets, pre_stage=True)
-        assert set(output['terms']) == {method} and output['loss'] > 0
+        assert set(output.terms) == {method} and output.loss > 0
         trained = {id(p) for module in modules for p in module.parameters()}
         assert trained and all(p.grad is not None and p.grad.abs().sum() > 0
                                for module in modules for p in module.parameters() if p.dim() > 1)
@@ -100,16 +101,20 @@ def _vit_pair(teacher_name, student_name):
     return _pair(teacher_name, student_name, **kwargs)
 
 
-@pytest.mark.parametrize('teacher_name,student_name', HETEROGENEOUS)
-@pytest.mark.parametrize('method', sorted(name for name in METHODS if list_losses()[name].pairs == 'any'))
+VIT_RUNS = [(method, *pair) for method in sorted(name for name in METHODS if list_losses()[name].pairs == 'any')
+            for pair in HETEROGENEOUS]
+
+
+@pytest.mark.parametrize('method, teacher_name, student_name', quick_sample(VIT_RUNS, lambda run: run[1:]),
+                         ids=['-'.join(run) for run in VIT_RUNS])
 def test_method_runs_on_cnn_vit_pairs(method, teacher_name, student_name):
     teacher, student = _vit_pair(teacher_name, student_name)
     distiller = _build(method, teacher, student, 64)
     images, targets = torch.randn(4, 3, 64, 64), torch.arange(4)
     if distiller.loss_terms[method].main_stage:
-        assert _one_step(distiller, images, targets)['terms'][method] > 0
+        assert _one_step(distiller, images, targets).terms[method] > 0
     if distiller.loss_terms[method].pre_stage_epochs > 0:
-        assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0
+        assert _one_step(distiller, images, targets, pre_stage=True).loss > 0
 
 
 @pytest.mark.slow
@@ -180,9 +185,9 @@ def test_every_method_steps_on_cifar_zoo_pairs(teacher_name, student_name):
         distiller = _build(method, teacher, student, 32)
         term = distiller.loss_terms[method]
         if term.main_stage:
-            assert torch.isfinite(_one_step(distiller, images, targets)['terms'][method]), method
+            assert torch.isfinite(_one_step(distiller, images, targets).terms[method]), method
         if term.pre_stage_epochs > 0:
-            assert _one_step(distiller, images, targets, pre_stage=True)['loss'] > 0, method
+            assert _one_step(distiller, images, targets, pre_stage=True).loss > 0, method
 
 
 def test_a_term_on_teacher_batch_statistics_refuses_the_teacher_cache():
@@ -193,8 +198,7 @@ def test_a_term_on_teacher_batch_statistics_refuses_the_teacher_cache():
 
     @register_loss('test_batch_statistics')
     class BatchStatistics(LossTerm):
-        requires_teacher = True
-        needs = frozenset({Need.TEACHER_BATCH_STATISTICS})
+        needs = frozenset({Need.TEACHER_LOGITS, Need.TEACHER_BATCH_STATISTICS})
 
         def forward(self, step):
             return (step.student_logits - step.teacher_logits).pow(2).mean()

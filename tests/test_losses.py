@@ -29,21 +29,21 @@ def test_teacher_is_frozen_in_eval_and_its_bn_statistics_never_change():
     for _ in range(3):
         out = distiller(Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))))
         optimizer.zero_grad()
-        out['loss'].backward()
+        out.loss.backward()
         optimizer.step()
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), f'teacher {key} changed'
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
     assert not any(p is q for p in distiller.trainable_modules().parameters() for q in teacher.parameters())
-    assert set(out['terms']) == {'ce', 'kd'}
-    assert out['loss'].item() == pytest.approx(sum(v.item() for v in out['terms'].values()), rel=1e-6)
+    assert set(out.terms) == {'ce', 'kd'}
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.terms.values()), rel=1e-6)
 
 
 def test_student_alone_and_teacher_requirement():
     _, student = _pair('cifar_resnet8x4', 'cifar_resnet8')
     out = Distiller(None, student, {'ce': 1.0})(Batch(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])))
-    assert set(out['terms']) == {'ce'}
+    assert set(out.terms) == {'ce'}
     with pytest.raises(DistillError, match=r"\['kd'\] need a teacher"):
         Distiller(None, student, {'ce': 0.1, 'kd': 0.9})
     with pytest.raises(DistillError, match='weight must be a number'):

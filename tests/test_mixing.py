@@ -8,7 +8,7 @@ from timm.data import Mixup
 from distill.config import DataConfig
 from distill.data import Batch
 from distill.data.mixing import BatchEraser, BatchMixer
-from distill.data.streaming import seeded
+from distill.data.seeding import seeded
 from distill.errors import DistillError
 from distill.training.trainer import Trainer
 from test_teacher_record import run_config, setup, train_epochs  # noqa: F401 (setup is a fixture)
@@ -89,8 +89,8 @@ def test_a_term_reading_the_labels_of_a_mixed_batch_without_declaring_them_stops
     student = timm.create_model('cifar_resnet8', num_classes=4)
     distiller = Distiller(None, student, {'ce': 1.0, 'test_reads_labels': 1.0})
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
-    assert distiller(Batch(images, labels))['loss'].item() > 0
+    assert distiller(Batch(images, labels)).loss.item() > 0
     mixed = Batch(images, labels, soft_targets=torch.tensor([[0.6, 0, 0, 0.4], [0.4, 0, 0, 0.6]]))
     with pytest.raises(DistillError, match="loss term 'test_reads_labels' reads each sample's class, but mixup"):
         distiller(mixed)
-    assert Distiller(None, distiller.student, {'ce': 1.0})(mixed)['loss'].item() > 0
+    assert Distiller(None, distiller.student, {'ce': 1.0})(mixed).loss.item() > 0

@@ -3,10 +3,12 @@ runs every module-level import without training), so a refactor of distill canno
 import glob
 import json
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 SCRIPTS = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '**', '*.py'), recursive=True)
@@ -15,7 +17,25 @@ SCRIPTS = sorted(path for path in glob.glob(os.path.join(REPO, 'experiments', '*
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda path: os.path.relpath(path, REPO))
-def test_script_imports_and_parses_its_arguments(script):
+def test_script_imports_and_parses_its_arguments(script, monkeypatch, capsys):
+    """In this process (the quick loop: torch and timm are imported once): the script as ``__main__`` with
+    ``--help``, its folder first on the path as when Python runs it, the modules of other scripts (each folder's
+    ``common``) forgotten."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, 'argv', [script, '--help'])
+    monkeypatch.setattr(sys, 'path', [os.path.dirname(script)] + sys.path)
+    folders = tuple(os.path.join(REPO, folder) + os.sep for folder in ('experiments', 'benchmarks'))
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, '__file__', None) or '').startswith(folders):
+            monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(SystemExit) as exit_, torch.random.fork_rng():  # a script may seed torch when imported
+        runpy.run_path(script, run_name='__main__')
+    assert exit_.value.code in (0, None) and 'usage:' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda path: os.path.relpath(path, REPO))
+def test_script_runs_in_a_fresh_interpreter(script):
     result = subprocess.run([sys.executable, script, '--help'], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and 'usage:' in result.stdout, result.stderr[-2000:]

@@ -16,7 +16,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DistillError
 from .batching import Batch
-from .streaming import sample_seed, seeded
+from .seeding import sample_seed, seeded
 
 
 BATCHES = 2 ** 63  # batch seeds are drawn above every image index (SeedSequence takes any non-negative integer)

@@ -16,16 +16,15 @@ in-memory loader. Batches reach the device one step ahead (on CUDA on a side str
 """
 import contextlib
 import os
-import random
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DistillError
 from .batching import Batch, Placement, plan_batches
 from .imagefolder import find_split_dir
+from .seeding import sample_seed, seeded
 from .views import normalize
 
 
@@ -37,33 +36,6 @@ class LabelSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def sample_seed(epoch_seed: int, index: int) -> int:
-    """The seed of one image's augmentation in one epoch: a pure function of both (numpy's SeedSequence mixing)."""
-    return int(np.random.SeedSequence([epoch_seed, index]).generate_state(1, np.uint32)[0])
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Optional[torch.device] = None):
-    """Every global RNG an augmentation may draw from (torch, numpy, Python; and ``device``'s CUDA generator) seeded
-    with ``seed``; the caller's states restored afterwards (a loader without workers decodes in the training
-    process). Seeds torch's generators themselves: ``torch.manual_seed`` also queues the seeding of every lazily
-    started accelerator, which costs a quarter of a millisecond per image."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [device] if device is not None and device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda, device_type='cuda'):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 class _Indexed(Dataset):

@@ -4,11 +4,9 @@ The engine never names a method: it builds each configured term from this regist
 needs the teacher, and sums ``weight * term(step)``.
 """
 import collections.abc
-import enum
 import functools
 import inspect
 import typing
-from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Optional, Sequence, Type, Union
 
 import torch
@@ -16,102 +14,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DistillError, nearest
+from .step import TEACHER_NEEDS, Need, SetupContext, StepOutputs
 
 
-class Need(str, enum.Enum):
-    """What a loss term needs from the engine beyond logits and the labels; the engine checks the union once."""
-    TEACHER_FEATURES = 'teacher features'  # intermediate teacher features: a logit-only teacher cache cannot serve it
-    STRONG_VIEW = 'strong view'  # a RandAugment view of each batch, run through both models (no finite view set)
-    SAMPLE_INDICES = 'sample indices'  # each sample's position in the training split
-    PER_SAMPLE_STATE = 'per-sample state'  # state updated per training sample (memory banks): one process only
-    PRE_STAGE = 'pre-stage'  # trains its own modules before epoch 1 (pre_stage_epochs)
-    # the teacher's BatchNorm normalises with each batch's statistics while training (its reference code's train
-    # mode); its outputs then depend on the batch, so no cache can serve them
-    TEACHER_BATCH_STATISTICS = 'teacher batch statistics'
-    CLASS_LABELS = 'class labels'  # reads each sample's one class (targets): mixup/cutmix batches have two
+class ReadsTeacher:
+    """``LossTerm.requires_teacher``, of a term class or instance: whether its needs read the teacher (its logits or
+    features), so the engine must run it or serve its cached logits."""
 
-
-@dataclass
-class StepOutputs:
-    """Everything a loss term may use in one step. Teacher fields are None when training a student alone.
-    ``student_logits`` is the student's class head; ``student_heads`` holds every head by name
-    (``models.heads``: ``logits``, and ``distillation`` for a distilled DeiT in distilled training)."""
-    student_logits: torch.Tensor
-    targets: torch.Tensor
-    teacher_logits: Optional[torch.Tensor] = None
-    indices: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
-    epoch: int = 0
-    # Features of every tap any term asked for, keyed by tap (stage index, module path or 'pre_logits').
-    student_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
-    teacher_features: Dict[Union[int, str], torch.Tensor] = field(default_factory=dict)
-    # Logits on the batch's strongly augmented view, when a term needs one (Need.STRONG_VIEW).
-    student_logits_strong: Optional[torch.Tensor] = None
-    teacher_logits_strong: Optional[torch.Tensor] = None
-    # Mixup/CutMix target distributions (N, C) where the batch was mixed; ``targets`` are then the unmixed labels.
-    soft_targets: Optional[torch.Tensor] = None
-    student_heads: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class MixedLabels:
-    """``StepOutputs.targets`` of a mixed batch (mixup/CutMix: two classes per image) for a term that did not declare
-    ``Need.CLASS_LABELS``: any use of it stops in one line naming the term, instead of reading unmixed labels."""
-
-    def __init__(self, term: str):
-        self.term = term
-
-    def _refuse(self, *args, **kwargs):
-        raise DistillError(f"loss term '{self.term}' reads each sample's class, but mixup/CutMix gave the batch two "
-                           f"classes per image; the term must declare Need.CLASS_LABELS (mixing is then refused for "
-                           f"it), or read step.soft_targets")
-
-    __getitem__ = __len__ = __iter__ = __eq__ = __ne__ = _refuse
-
-    def __getattr__(self, name: str):
-        if name.startswith('__'):  # copy, pickle and hasattr probe these
-            raise AttributeError(name)
-        self._refuse()
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        cls(', '.join(sorted(_terms(args, kwargs))))._refuse()
-
-
-def _terms(args, kwargs) -> set:
-    """The terms whose ``MixedLabels`` are among a torch function's arguments (in lists too)."""
-    found, stack = set(), list(args) + list((kwargs or {}).values())
-    while stack:
-        value = stack.pop()
-        if isinstance(value, MixedLabels):
-            found.add(value.term)
-        elif isinstance(value, (list, tuple)):
-            stack += list(value)
-    return found
-
-
-@dataclass
-class SetupContext:
-    """What a term may size itself from, once, before training: feature shapes of one dry run (keyed like
-    ``StepOutputs.*_features``) and the training set (for memory banks such as CRD's)."""
-    student_shapes: Dict[Union[int, str], torch.Size] = field(default_factory=dict)
-    teacher_shapes: Dict[Union[int, str], torch.Size] = field(default_factory=dict)
-    num_classes: Optional[int] = None
-    train_targets: Optional[torch.Tensor] = None  # labels of the training set, indexed like StepOutputs.indices
-    student: Optional[nn.Module] = None
-    teacher: Optional[nn.Module] = None  # read-only: e.g. OFD's margins come from its BatchNorm parameters
+    def __get__(self, term, term_class) -> bool:
+        return bool((term if term is not None else term_class).needs & TEACHER_NEEDS)
 
 
 class LossTerm(nn.Module):
     """A thin module around a plain loss function.
 
-    ``requires_teacher`` tells the engine to run the teacher; ``needs`` declares what else it needs (checked once
-    by the engine: teacher features, a strong view, sample indices, per-sample state, a pre-stage);
+    ``needs`` declares what the term reads beyond the student's outputs and the labels (``Need``: teacher logits or
+    features, a strong view, sample indices, per-sample state, a pre-stage), checked once by the engine; the term
+    sees only those fields of the step (``step.term_view``), and ``requires_teacher`` follows from them.
     ``student_layers`` / ``teacher_layers`` name the feature taps the term reads from ``step.student_features`` /
     ``step.teacher_features`` (``resolve_layers`` may choose them per model). ``setup`` builds adapters from a
     ``SetupContext``; their parameters train with the student and are checkpointed, but are not part of the exported
     student. ``student_head`` names the student output the term reads (``models.heads``); ``configure_student``
     puts the student in the mode the term trains it in, once, before anything runs (DeiT: distilled training).
     """
-    requires_teacher: bool = False
+    requires_teacher = ReadsTeacher()
     paper: str = ''  # the method's paper, for `distill methods`
     default_weight: float = 1.0  # the weight of the reference CIFAR-100 recipes
     needs: FrozenSet[Need] = frozenset()  # what the engine must provide or refuse for it (see Need)
@@ -124,6 +50,12 @@ class LossTerm(nn.Module):
     pre_stage_lr: Optional[float] = None  # None: the recipe's optimizer.lr
     main_stage: bool = True
     student_head: str = 'logits'  # the student output it reads: 'logits' (the class head) or 'distillation'
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if 'requires_teacher' in vars(cls):  # one declaration per fact: the needs say whether it reads the teacher
+            raise TypeError(f"{cls.__name__}: declare Need.TEACHER_LOGITS or Need.TEACHER_FEATURES in needs instead "
+                            f"of setting requires_teacher")
 
     def configure_student(self, student: nn.Module) -> None:
         """Put ``student`` in the mode this term trains it in, or refuse it in one line (DistillError)."""
@@ -273,7 +205,7 @@ def sum_over_pairs(student_features: Sequence[torch.Tensor], teacher_features: S
 class PairedStagesLoss(LossTerm):
     """A term over pairs of stages: by default every stage but the stem of each model, paired in order and
     truncated to the shorter list (RepDistiller's ``zip(feat_s[1:-1], feat_t[1:-1])``)."""
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_FEATURES})
 
     def __init__(self, student_layers: Optional[Sequence[Union[int, str]]] = None,
                  teacher_layers: Optional[Sequence[Union[int, str]]] = None):

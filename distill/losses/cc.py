@@ -36,7 +36,6 @@ class CCLoss(LossTerm):
     paper = 'Peng et al., ICCV 2019'
     default_weight = 0.02
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
     student_layers = teacher_layers = (PRE_LOGITS,)
 
     def __init__(self, embed_dim: int = 128):

@@ -99,7 +99,6 @@ class CRDLoss(LossTerm):
     paper = 'Tian et al., ICLR 2020'
     default_weight = 0.8
     needs = frozenset({Need.TEACHER_FEATURES, Need.SAMPLE_INDICES, Need.PER_SAMPLE_STATE, Need.CLASS_LABELS})
-    requires_teacher = True
     student_layers = teacher_layers = (PRE_LOGITS,)
 
     def __init__(self, embed_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .base import LossTerm, StepOutputs, register_loss
+from .base import LossTerm, Need, StepOutputs, register_loss
 from .kd import kd_loss
 
 
@@ -44,7 +44,7 @@ def curriculum_lambda(epoch: int, curriculum_epochs: int = 10, lambda_max: float
 class CTKDLoss(LossTerm):
     paper = 'Li et al., AAAI 2023'
     default_weight = 0.9
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS})
 
     def __init__(self, temperature_min: float = 1.0, temperature_range: float = 20.0, lambda_max: float = 1.0,
                  curriculum_epochs: int = 10, logit_standardization: bool = False):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import DistillError
 from ..models.heads import DISTILLATION, has_distillation_head
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature
 
 MODES = ('hard', 'soft')
@@ -40,7 +40,7 @@ def deit_loss(distillation_logits: torch.Tensor, teacher_logits: torch.Tensor, m
 class DeiTLoss(LossTerm):
     paper = 'Touvron et al., ICML 2021'
     default_weight = 0.5
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS})
     pairs = 'a deit_*_distilled_* student (a distillation token), any teacher'
     student_head = DISTILLATION
 

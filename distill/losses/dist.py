@@ -10,7 +10,7 @@ weight 2 with beta = gamma = 1 and CE 1, as in every official config (hunto/DIST
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 from .kd import check_temperature
 
 
@@ -34,7 +34,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 class DISTLoss(LossTerm):
     paper = 'Huang et al., NeurIPS 2022'
     default_weight = 2.0
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS})
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         super().__init__()

@@ -39,8 +39,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
 class DKDLoss(LossTerm):
     paper = 'Zhao et al., CVPR 2022'
     default_weight = 1.0
-    requires_teacher = True
-    needs = frozenset({Need.CLASS_LABELS})
+    needs = frozenset({Need.TEACHER_LOGITS, Need.CLASS_LABELS})
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,
                  logit_standardization: bool = False):

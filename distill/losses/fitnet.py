@@ -52,7 +52,6 @@ class FitNetLoss(LossTerm):
     paper = 'Romero et al., ICLR 2015'
     default_weight = 100.0
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = 2, teacher_layer: Union[int, str] = 2):
         super().__init__()

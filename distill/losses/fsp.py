@@ -45,7 +45,6 @@ class FSPLoss(LossTerm):
     default_weight = 50.0
     needs = frozenset({Need.TEACHER_FEATURES, Need.PRE_STAGE})
     pairs = 'equal channels per stage'
-    requires_teacher = True
     main_stage = False
 
     def __init__(self, pre_stage_epochs: int = 30):

@@ -53,7 +53,6 @@ class FTLoss(LossTerm):
     paper = 'Kim et al., NeurIPS 2018'
     default_weight = 200.0
     needs = frozenset({Need.TEACHER_FEATURES, Need.PRE_STAGE})
-    requires_teacher = True
     student_layers = teacher_layers = (-1,)
 
     def __init__(self, factor_rate: float = 0.5, p1: float = 2.0, p2: float = 1.0, pre_stage_epochs: int = 30,

@@ -12,7 +12,7 @@ then use T = 2 and KD weight 9 (CE 0.1).
 import torch
 import torch.nn.functional as F
 
-from .base import LossTerm, StepOutputs, fp32_loss, register_loss
+from .base import LossTerm, Need, StepOutputs, fp32_loss, register_loss
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -42,7 +42,7 @@ def check_temperature(temperature: float) -> None:
 class KDLoss(LossTerm):
     paper = 'Hinton et al., NIPS-W 2015; logit standardization: Sun et al., CVPR 2024'
     default_weight = 0.9
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS})
 
     def __init__(self, temperature: float = 4.0, logit_standardization: bool = False):
         super().__init__()

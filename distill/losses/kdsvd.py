@@ -169,7 +169,6 @@ def kdsvd_loss(student_features: List[torch.Tensor], teacher_features: List[torc
 class KDSVDLoss(PairedStagesLoss):
     paper = 'Lee, Kim & Song, ECCV 2018'
     default_weight = 1.0
-    requires_teacher = True
     needs = frozenset({Need.TEACHER_FEATURES})
     pairs = 'any'
 

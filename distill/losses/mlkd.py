@@ -71,8 +71,7 @@ def mlkd_loss(student_weak: torch.Tensor, teacher_weak: torch.Tensor, student_st
 class MLKDLoss(LossTerm):
     paper = 'Jin et al., CVPR 2023'
     default_weight = 1.0  # the KD and strong-view CE weights are the term's own options
-    needs = frozenset({Need.STRONG_VIEW, Need.CLASS_LABELS})
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS, Need.STRONG_VIEW, Need.CLASS_LABELS})
 
     def __init__(self, kd_weight: float = 0.9, ce_weight: float = 0.1, temperature: float = 4.0,
                  logit_standardization: bool = False):

@@ -62,8 +62,7 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
 class NKDLoss(LossTerm):
     paper = 'Yang et al., ICCV 2023'
     default_weight = 1.0
-    requires_teacher = True
-    needs = frozenset({Need.CLASS_LABELS})  # the target class's probability
+    needs = frozenset({Need.TEACHER_LOGITS, Need.CLASS_LABELS})  # the target class's probability
     pairs = 'any'
 
     def __init__(self, temperature: float = 3.0, gamma: float = 3.5):

@@ -106,8 +106,7 @@ def ofa_stages(model: nn.Module, count: int = 4) -> List[int]:
 class OFALoss(LossTerm):
     paper = 'Hao et al., NeurIPS 2023'
     default_weight = 1.0
-    needs = frozenset({Need.TEACHER_FEATURES, Need.CLASS_LABELS})
-    requires_teacher = True
+    needs = frozenset({Need.TEACHER_LOGITS, Need.CLASS_LABELS})
 
     def __init__(self, eps: float = 1.0, temperature: float = 1.0, logits_weight: float = 1.0,
                  student_layers: Optional[Sequence[int]] = None):

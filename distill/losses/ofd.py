@@ -58,7 +58,6 @@ class OFDLoss(LossTerm):
     default_weight = 0.001
     needs = frozenset({Need.TEACHER_FEATURES})
     pairs = 'CNN teacher (BN + ReLU stages)'
-    requires_teacher = True
 
     def __init__(self, teacher_batch_statistics: bool = False):
         super().__init__()

@@ -31,7 +31,6 @@ class PKTLoss(LossTerm):
     paper = 'Passalis & Tefas, ECCV 2018'
     default_weight = 30000.0
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 
     def forward(self, step: StepOutputs) -> torch.Tensor:

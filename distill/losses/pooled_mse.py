@@ -21,7 +21,6 @@ pooled_mse_loss = fitnet_loss
 class PooledMSELoss(LossTerm):
     paper = "timm's FeatureDistillationTask (FitNets' hint on pooled pre-logits, Romero et al., ICLR 2015)"
     default_weight = 1.0
-    requires_teacher = True
     needs = frozenset({Need.TEACHER_FEATURES})
     student_layers = (PRE_LOGITS,)
     teacher_layers = (PRE_LOGITS,)

@@ -73,7 +73,6 @@ class ReviewKDLoss(LossTerm):
     paper = 'Chen et al., CVPR 2021'
     default_weight = 1.0
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
 
     def __init__(self, warmup: int = 20, max_mid_channels: int = 512):
         super().__init__()

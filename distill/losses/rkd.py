@@ -43,7 +43,6 @@ class RKDLoss(LossTerm):
     paper = 'Park et al., CVPR 2019'
     default_weight = 1.0
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
     student_layers = teacher_layers = ('pre_logits',)
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):

@@ -169,7 +169,6 @@ def head_input_tap(model: nn.Module, role: str) -> Union[int, str]:
 class SDDLoss(LossTerm):
     paper = 'Wei et al., CVPR 2024'
     default_weight = 1.0
-    requires_teacher = True
     needs = frozenset({Need.TEACHER_FEATURES, Need.CLASS_LABELS})
     pairs = 'CNN teacher and student (global average pooling + classifier heads)'
 

@@ -29,7 +29,6 @@ class SPLoss(LossTerm):
     paper = 'Tung & Mori, ICCV 2019'
     default_weight = 3000.0
     needs = frozenset({Need.TEACHER_FEATURES})
-    requires_teacher = True
 
     def __init__(self, student_layer: Union[int, str] = -1, teacher_layer: Union[int, str] = -1):
         super().__init__()

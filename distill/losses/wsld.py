@@ -46,8 +46,7 @@ def wsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 class WSLDLoss(LossTerm):
     paper = 'Zhou et al., ICLR 2021'
     default_weight = 2.25
-    requires_teacher = True
-    needs = frozenset({Need.CLASS_LABELS})
+    needs = frozenset({Need.TEACHER_LOGITS, Need.CLASS_LABELS})
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()

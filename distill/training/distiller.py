@@ -1,9 +1,9 @@
 """The distillation engine: a frozen teacher, a trainable student and a weighted sum of named loss terms.
 
-One step is ``Distiller.forward(batch: Batch, epoch)``; nothing about a method is known here beyond what its
-term declares (``requires_teacher``, ``needs``, feature taps, a pre-stage).
+One step is ``Distiller.forward(batch: Batch, epoch) -> StepResult``; nothing about a method is known here beyond
+what its term declares (``needs``, feature taps, the student head it reads, a pre-stage).
 """
-import dataclasses
+from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..data.batching import Batch
 from ..errors import DistillError
 from ..losses import LossTerm, Need, SetupContext, StepOutputs, create_loss
-from ..losses.base import MixedLabels
+from ..losses.step import term_view
 from ..models.features import FeatureExtractor, probe_shapes
 from ..models.heads import DISTILLATION, LOGITS, has_distillation_head, student_heads
 from ..teaching.teachers import CachedTeacher, as_teacher
@@ -43,16 +43,34 @@ def build_loss_terms(losses: Mapping[str, LossSpec]) -> Tuple[nn.ModuleDict, Dic
     return modules, weights
 
 
+@dataclass
+class StepResult:
+    """What one step returns: ``loss``, the weighted sum of the terms (what backward runs on); ``terms``, each
+    weighted term by name, detached (logs, the NaN guard); ``logits``, the student's class predictions for top-1
+    (the class head; None in a pre-stage, which trains no classifier)."""
+    loss: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+    logits: Optional[torch.Tensor] = None
+
+
 class Distiller(nn.Module):
     """Pairs a teacher and a student (any timm models, any families) and computes the training loss.
 
     ``teacher`` is a ``LiveTeacher``, a ``CachedTeacher`` (``distill.teaching.teachers``), a plain model (run live) or
     None (the student trains alone through the same code path: the baseline). ``losses`` maps registered loss
     names to weights or options. ``freezer`` (a ``transfer.StageFreezer``) keeps a partly frozen student's frozen
-    BatchNorm layers in eval mode. Each term's ``needs`` are checked once, here.
+    BatchNorm layers in eval mode.
 
-    ``forward(batch, epoch)`` returns ``{'loss', 'logits', 'terms'}`` where ``terms`` holds each weighted term
-    (detached) for logging.
+    The step contract. Built once: each term configures the student (``configure_student``), picks its feature taps
+    (``resolve_layers``) and sizes its adapters from one dry run (``setup``); the union of the terms' ``needs`` is
+    checked here (a teacher for teacher needs, no logit cache for teacher features or a strong view).
+    ``forward(batch, epoch)`` runs the teacher (no grad; a cache lookup for a ``CachedTeacher``) only when a main
+    term reads it, then the student once with every tap any term asked for, and returns a ``StepResult`` of
+    ``sum(weight * term(view))`` where each term's ``view`` is the ``StepOutputs`` it declared
+    (``losses.step.term_view``: an undeclared field or tap refuses to be used). The head a term reads is
+    ``student_head`` (``models.heads``); top-1 uses the class head. What trains (the student and the terms' adapters,
+    never the teacher) is ``trainable_modules``, and DDP wraps ``TrainableParts``. The pre-stage of FSP/FT/AB is
+    ``training.prestage``.
     """
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module,
@@ -134,7 +152,7 @@ class Distiller(nn.Module):
         parameters (adapters), never the teacher."""
         return nn.ModuleDict({'student': self.student, 'loss_terms': self.loss_terms})
 
-    def _step_outputs(self, batch: Batch, epoch: int, run_teacher: bool) -> StepOutputs:
+    def step_outputs(self, batch: Batch, epoch: int, run_teacher: bool) -> StepOutputs:
         """One teacher forward (no grad; a cache lookup for a ``CachedTeacher``) and one student forward, with
         every tap any term asked for."""
         if Need.SAMPLE_INDICES in self.needs and batch.indices is None:
@@ -150,8 +168,8 @@ class Distiller(nn.Module):
                                                                           student_features)),
             teacher_features=teacher_features)
 
-    def forward(self, batch: Batch, epoch: int = 0) -> Dict[str, Any]:
-        step = self._step_outputs(batch, epoch, self.uses_teacher)
+    def forward(self, batch: Batch, epoch: int = 0) -> StepResult:
+        step = self.step_outputs(batch, epoch, self.uses_teacher)
         if Need.STRONG_VIEW in self.needs:
             if batch.strong is None:
                 raise DistillError("a loss term needs a strongly augmented view of each batch; train through "
@@ -160,41 +178,15 @@ class Distiller(nn.Module):
             step.student_logits_strong = student_heads(self.student(batch.strong))[LOGITS]
             if self.uses_teacher:
                 step.teacher_logits_strong = self.teacher.logits(batch.strong)
-        weighted = {name: self.loss_weights[name] * self.loss_terms[name](self._term_step(name, step))
+        weighted = {name: self.loss_weights[name] * self.loss_terms[name](self.term_step(name, step))
                     for name in self.main_terms}
-        return {'loss': sum(weighted.values()), 'logits': step.student_logits,
-                'terms': {name: value.detach() for name, value in weighted.items()}}
+        return StepResult(sum(weighted.values()), {name: value.detach() for name, value in weighted.items()},
+                          step.student_logits)
 
-    def _term_step(self, name: str, step: StepOutputs) -> StepOutputs:
-        """The step as term ``name`` sees it: on a mixed batch its ``targets`` refuse to be read unless the term
-        declared ``Need.CLASS_LABELS`` (which the mixing itself refuses), so no term reads unmixed labels silently."""
-        if step.soft_targets is None or Need.CLASS_LABELS in self.loss_terms[name].needs:
-            return step
-        return dataclasses.replace(step, targets=MixedLabels(name))
-
-    def pre_stage_terms(self, epoch: int) -> List[str]:
-        """Terms whose pre-stage still runs at pre-stage epoch ``epoch`` (0-based)."""
-        return [name for name, term in self.loss_terms.items() if epoch < term.pre_stage_epochs]
-
-    def pre_stage_groups(self, lr: float) -> Tuple[List[Dict[str, Any]], List[nn.Module]]:
-        """Optimizer parameter groups of the pre-stage (one per term, at its ``pre_stage_lr`` or ``lr``) and the
-        modules it trains."""
-        groups, trained, seen = [], [], set()
-        for name in self.pre_stage_terms(0):
-            term = self.loss_terms[name]
-            modules = list(term.pre_stage_modules(self.student))
-            params = [p for m in modules for p in m.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in params)
-            groups.append({'params': params, 'lr': term.pre_stage_lr or lr})
-            trained += modules
-        return groups, trained
-
-    def pre_stage_forward(self, batch: Batch, epoch: int) -> Dict[str, Any]:
-        """The pre-stage loss: the unweighted sum of each active term's ``pre_stage_loss``."""
-        names = self.pre_stage_terms(epoch)
-        step = self._step_outputs(batch, epoch, self.teacher is not None)
-        terms = {name: self.loss_terms[name].pre_stage_loss(step) for name in names}
-        return {'loss': sum(terms.values()), 'terms': {name: value.detach() for name, value in terms.items()}}
+    def term_step(self, name: str, step: StepOutputs) -> StepOutputs:
+        """The step as term ``name`` declared it (``losses.step.term_view``)."""
+        term = self.loss_terms[name]
+        return term_view(step, name, term.needs, term.student_layers, term.teacher_layers)
 
 
 def _unique(items) -> List[Any]:
@@ -210,5 +202,5 @@ class TrainableParts(nn.Module):
         self.student, self.loss_terms = distiller.student, distiller.loss_terms
         object.__setattr__(self, 'distiller', distiller)  # a plain reference: not a submodule
 
-    def forward(self, *args, **kwargs) -> Dict[str, Any]:
+    def forward(self, *args, **kwargs) -> StepResult:
         return self.distiller(*args, **kwargs)

@@ -2,7 +2,7 @@
 steps (so steps never wait for the device); the first non-finite step stops the run with one line."""
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,9 +18,10 @@ class FiniteGuard:
         self.values: Optional[torch.Tensor] = None
         self.names: List[str] = []
 
-    def observe(self, out: Dict[str, Any], step: int) -> Optional[Tuple[int, Dict[str, float]]]:
-        self.names = ['loss'] + list(out['terms'])
-        values = torch.stack([out['loss'].detach().float()] + [v.float() for v in out['terms'].values()])
+    def observe(self, out, step: int) -> Optional[Tuple[int, Dict[str, float]]]:
+        """Note step ``step``'s ``StepResult`` (its loss and terms) on the device."""
+        self.names = ['loss'] + list(out.terms)
+        values = torch.stack([out.loss.detach().float()] + [v.float() for v in out.terms.values()])
         newly_bad = ~torch.isfinite(values).all() & (self.first_bad < 0)
         self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
         self.values = values if self.values is None else torch.where(newly_bad, values, self.values)

@@ -54,12 +54,12 @@ class EpochProgress:
                    state['elapsed'], state['teacher'], state.get('lr'))
 
 
-def add_step(sums: Optional[torch.Tensor], out: Dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+def add_step(sums: Optional[torch.Tensor], out, labels: torch.Tensor) -> torch.Tensor:
     """The epoch's metric sums after a step, on the device (nothing waits for it): the loss and each term times the
-    batch size, the top-1 hits and the sample count; ``out`` is the step's result."""
+    batch size, the top-1 hits and the sample count; ``out`` is the step's ``StepResult``."""
     size = len(labels)
-    values = torch.stack([out['loss'].detach().float()] + [value.float() for value in out['terms'].values()])
-    step_sums = torch.cat([values * size, torch.stack([(out['logits'].detach().argmax(1) == labels).sum().float(),
+    values = torch.stack([out.loss.detach().float()] + [value.float() for value in out.terms.values()])
+    step_sums = torch.cat([values * size, torch.stack([(out.logits.detach().argmax(1) == labels).sum().float(),
                                                        torch.tensor(float(size), device=labels.device)])])
     return step_sums if sums is None else sums + step_sums
 

@@ -1,7 +1,6 @@
 """One optimisation step: forward under autocast, scaled backward, gradient clipping, the optimizer step (and a
-max-norm weight constraint after it), with
-gradient accumulation (``trainer.accumulate_steps``), and the student's exponential moving average (``ema``); and
-RepDistiller's pre-stage (``run_pre_stage``), which trains its modules with the same steps.
+max-norm weight constraint after it), with gradient accumulation (``trainer.accumulate_steps``); and the student's
+exponential moving average (``ema``).
 
 Accumulation: an optimizer step follows ``accumulate_steps`` consecutive batches (fewer at the end of an epoch), and
 its gradient is the mean over every sample of those batches, whatever their sizes: each batch's backward adds its
@@ -12,14 +11,14 @@ the intermediate backwards skip DDP's all-reduce (``no_sync``). With one step pe
 those runs compute exactly what they did before accumulation existed.
 """
 import contextlib
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import EmaConfig
 from ..data import Batch
-from .guard import FiniteGuard, stop_if_nonfinite
+from .distiller import StepResult
 
 
 class Stepper:
@@ -33,7 +32,7 @@ class Stepper:
         self.grad_clip, self.accumulate_steps, self.reduce_grads = grad_clip, accumulate_steps, reduce_grads
         self.group_samples = 0.0  # global samples whose loss sums the gradients hold
 
-    def update(self, forward, batch: Batch, epoch: int, closes_group: bool = True) -> Dict[str, Any]:
+    def update(self, forward, batch: Batch, epoch: int, closes_group: bool = True) -> StepResult:
         """Forward and backward of ``batch``; the optimizer steps when ``closes_group`` (always without
         accumulation). ``batch.loss_scale`` weights a rank's part of a global batch."""
         dist = self.runtime.dist
@@ -44,9 +43,9 @@ class Stepper:
             if self.group_samples == 0:
                 self.optimizer.zero_grad(set_to_none=True)
             if self.accumulate_steps == 1:
-                loss = out['loss'] * batch.loss_scale if batch.loss_scale != 1.0 else out['loss']
+                loss = out.loss * batch.loss_scale if batch.loss_scale != 1.0 else out.loss
             else:  # the batch's per-sample loss sum (see the module docstring)
-                loss = out['loss'] * (len(batch.labels) * dist.world_size)
+                loss = out.loss * (len(batch.labels) * dist.world_size)
                 self.group_samples += len(batch.labels) * dist.world_size / batch.loss_scale
             self.scaler.scale(loss).backward()
         if not closes_group:
@@ -101,37 +100,3 @@ def create_ema(student: nn.Module, cfg: EmaConfig) -> Optional[nn.Module]:
         return None
     from timm.utils import ModelEmaV3
     return ModelEmaV3(student, decay=cfg.decay, use_warmup=cfg.warmup)
-
-
-def run_pre_stage(distiller, loader, runtime, cfg, logger, last_checkpoint: str) -> None:
-    """RepDistiller's ``init`` stage (FSP, FT, AB): before epoch 1, train each such term's pre-stage modules
-    (in train mode, everything else in eval mode) on its pre-stage loss with SGD at the recipe's momentum and
-    weight decay, for the term's ``pre_stage_epochs``. A run killed here restarts from scratch."""
-    opt, device, dist = cfg.optimizer, runtime.device, runtime.dist
-    epochs = max((term.pre_stage_epochs for term in distiller.loss_terms.values()), default=0)
-    if epochs == 0:
-        return
-    groups, trained = distiller.pre_stage_groups(opt.lr)
-    frozen = [p for group in groups for p in group['params'] if not p.requires_grad]
-    for p in frozen:  # e.g. FT's paraphraser: trained here, fixed in the main stage
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
-    stepper = Stepper(runtime, optimizer, scaler, [p for group in groups for p in group['params']],
-                      cfg.trainer.grad_clip, reduce_grads=True)
-    for epoch in range(epochs):
-        distiller.eval()
-        for module in trained:
-            module.train()
-        guard = FiniteGuard(1, device)
-        totals = torch.zeros(2, device=device)  # loss sum, count
-        for step, batch in enumerate(loader):
-            out = stepper.update(distiller.pre_stage_forward, batch, epoch)
-            stop_if_nonfinite(guard.observe(out, step), epoch, last_checkpoint)
-            totals += torch.stack([out['loss'].detach().float() * len(batch.labels),
-                                   torch.tensor(float(len(batch.labels)), device=device)])
-        total, count = dist.all_sum(totals).tolist()
-        logger.info(f"pre-stage epoch {epoch + 1}/{epochs} ({', '.join(distiller.pre_stage_terms(epoch))}) "
-                    f"loss {total / count:.4f}")
-    for p in frozen:
-        p.requires_grad_(False)

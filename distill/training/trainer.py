@@ -39,7 +39,8 @@ from .midepoch import EpochProgress, StopRequest, add_step, epoch_metrics
 from .optim import check_scheduler, create_optimizer, create_scheduler
 from .runtime import CompiledForward, Runtime
 from .state import RunState, checkpoint_state, restore_state, summarise
-from .stepping import Stepper, create_ema, max_norm_constraint, run_pre_stage
+from .prestage import PreStage
+from .stepping import Stepper, create_ema, max_norm_constraint
 
 
 class Trainer:
@@ -154,7 +155,7 @@ class Trainer:
         self.logger.info(f"resumed {self.run_dir.path} after epoch {self.state.epoch}{inside}")
 
     def run_pre_stage(self) -> None:
-        run_pre_stage(self.distiller, self.data.train, self.runtime, self.cfg, self.logger, self.run_dir.last)
+        PreStage(self.distiller).run(self.data.train, self.runtime, self.cfg, self.logger, self.run_dir.last)
 
     def _epoch_progress(self, epoch: int) -> EpochProgress:
         """The progress a checkpoint inside ``epoch`` restored (taken once), else the epoch's start."""
@@ -191,7 +192,7 @@ class Trainer:
                     self.scheduler.step_update(num_updates=self.state.num_updates)
             sums = add_step(sums, out, batch.labels)
             if show and step % 20 == 0:
-                bar.set_postfix(loss=f"{out['loss'].item():.3f}")
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
             if closes_group and step + 1 < steps:
                 self._checkpoint_inside(progress, step + 1, sums, guard, every)
         stop_if_nonfinite(guard.check(), epoch, self.run_dir.last)

@@ -51,15 +51,15 @@ def test_the_distiller_equals_timms_token_distillation_task(mode, weights, ours)
     distiller = Distiller(teacher, student, {'ce': ours[0], 'deit': {'weight': ours[1], 'mode': mode,
                                                                      'temperature': 2.0}}).train()
     out = distiller(Batch(images, labels))
-    out['loss'].backward()
-    assert out['loss'].dtype == torch.float64 and out['loss'].item() > 0
-    torch.testing.assert_close(out['loss'], expected, rtol=1e-6, atol=0)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float64 and out.loss.item() > 0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
     for (name, ours_param), theirs_param in zip(student.named_parameters(), theirs_student.parameters()):
         assert ours_param.grad is not None and theirs_param.grad is not None, name
         torch.testing.assert_close(ours_param.grad, theirs_param.grad, rtol=1e-6, atol=1e-12, msg=name)
     # the training top-1 reads the class head; both heads learn, the distillation head from the teacher alone
     class_logits, distillation_logits = student.train()(images)
-    torch.testing.assert_close(out['logits'], class_logits)
+    torch.testing.assert_close(out.logits, class_logits)
     assert student.head.weight.grad.abs().sum() > 0 and student.head_dist.weight.grad.abs().sum() > 0
 
 

@@ -70,5 +70,5 @@ def test_loss_is_weighted_sum_of_formulas():
     out = distiller(Batch(images, targets))
     with torch.no_grad():
         teacher_logits = teacher(images)
-    expected = 0.1 * F.cross_entropy(out['logits'], targets) + 0.9 * reference_kd(out['logits'], teacher_logits, 4.0)
-    assert out['loss'].item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = 0.1 * F.cross_entropy(out.logits, targets) + 0.9 * reference_kd(out.logits, teacher_logits, 4.0)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -192,8 +192,8 @@ def test_kdsvd_through_the_distiller_trains_the_student_and_its_channel_maps():
     assert [(m.in_features, m.out_features) for m in term.adapters] == [(16, 64), (32, 128), (64, 256)]
     images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     output = distiller(Batch(images, targets, torch.arange(8)), epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss']) and output['terms']['kdsvd'] > 0
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and output.terms['kdsvd'] > 0
     assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in term.adapters)

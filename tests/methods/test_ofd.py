@@ -77,7 +77,7 @@ def test_ofd_teacher_batch_statistics_reproduces_the_reference_train_mode_teache
         teacher.register_forward_hook(lambda module, args, out: modes.append(module.training))
         before = teacher.bn1.running_mean.clone()
         distiller.train()
-        distiller(batch, epoch=0)['loss'].backward()
+        distiller(batch, epoch=0).loss.backward()
         changed = not torch.equal(teacher.bn1.running_mean, before)
         assert changed == bool(options) and all(p.grad is None for p in teacher.parameters())
         distiller.eval()

@@ -41,9 +41,9 @@ def test_the_distiller_equals_timms_feature_distillation_task(student_name, weig
     expected = task(images, labels)['loss']
     expected.backward()
     out = distiller.train()(Batch(images, labels))
-    out['loss'].backward()
-    assert out['loss'].dtype == torch.float64 and out['terms']['pooled_mse'].item() > 0
-    torch.testing.assert_close(out['loss'], expected, rtol=1e-6, atol=0)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float64 and out.terms['pooled_mse'].item() > 0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
     pairs = list(zip(student.named_parameters(), theirs_student.parameters()))
     if theirs_projection is not None:
         pairs += list(zip(projection.named_parameters(), theirs_projection.parameters()))
@@ -56,7 +56,7 @@ def test_the_term_reads_what_timms_forward_head_calls_pre_logits():
     teacher, student = timm.create_model('resnet10t', num_classes=5), timm.create_model('cifar_resnet8', num_classes=5)
     distiller = Distiller(teacher, student, {'ce': 1.0, 'pooled_mse': 1.0}, input_size=(3, 32, 32)).train()
     images = torch.randn(2, 3, 32, 32)
-    step = distiller._step_outputs(Batch(images, torch.tensor([0, 1])), 0, True)
+    step = distiller.step_outputs(Batch(images, torch.tensor([0, 1])), 0, True)
     torch.testing.assert_close(step.student_features['pre_logits'],
                                student.forward_head(student.forward_features(images), pre_logits=True))
     with torch.no_grad():

@@ -246,8 +246,8 @@ def test_sdd_through_the_engine_trains_the_student_and_registers_no_model_parame
     distiller.train()
     images, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     output = distiller(Batch(images, targets, torch.arange(8)), epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss']) and output['terms']['sdd'] > 0
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and output.terms['sdd'] > 0
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     # the term alone: gradient reaches the student's classifier (through the region logits) and its body
@@ -255,12 +255,12 @@ def test_sdd_through_the_engine_trains_the_student_and_registers_no_model_parame
     alone = Distiller(teacher, student, {'sdd': {}}, input_size=(3, 16, 16), train_targets=torch.arange(40) % 10)
     alone.train()
     first = alone(Batch(images, targets, torch.arange(8)), epoch=0)
-    first['loss'].backward()
+    first.loss.backward()
     assert student.fc.weight.grad.abs().sum() > 0 and student.conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     # the DKD warm-up: (epoch + 1) / 20 with our 0-based epochs, full from epoch 19
     later = alone(Batch(images, targets, torch.arange(8)), epoch=19)
-    torch.testing.assert_close(later['terms']['sdd'], 20 * first['terms']['sdd'])
+    torch.testing.assert_close(later.terms['sdd'], 20 * first.terms['sdd'])
 
 
 def test_the_map_entering_the_pooling_is_tapped_after_a_final_conv_or_norm():
@@ -281,8 +281,8 @@ def test_the_map_entering_the_pooling_is_tapped_after_a_final_conv_or_norm():
         torch.testing.assert_close(regions[:, :, 0], logits, rtol=1e-4, atol=1e-5)
     distiller.train()
     output = distiller(Batch(images, torch.arange(4)), epoch=0)
-    output['loss'].backward()
-    assert torch.isfinite(output['loss']) and student.classifier[0].weight.grad.abs().sum() > 0
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and student.classifier[0].weight.grad.abs().sum() > 0
 
 
 def test_a_vit_is_refused_in_one_line():
