@@ -153,6 +153,30 @@ def test_streamed_augmentation_is_a_function_of_epoch_seed_and_index_alone():
         from_dict({'data': {'auto_augment': 'rand-m9'}})
 
 
+def test_the_pil_crop_before_randaugment_gives_torchvision_v2s_draws_and_pixels():
+    """The streamed RandomResizedCrop + flip + RandAugment path runs torchvision's v1 classes on the PIL image (less
+    dispatch per call): every image, for every seed, is bit-identical to the v2 pipeline it replaced, so streamed
+    runs and their recordings are unchanged."""
+    import glob
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+    from distill.data.seeding import seeded
+    from distill.data.streaming import auto_augment_transform, image_transform
+    mean = (0.485, 0.456, 0.406)
+    ours = image_transform(True, 'random_resized_crop', 48, 4, 0.875, 'rand-m9-mstd0.5-inc1', mean)
+    v2 = T.Compose([T.RandomResizedCrop(48, antialias=True), T.RandomHorizontalFlip(),
+                    auto_augment_transform('rand-m9-mstd0.5-inc1', 48, mean), T.ToImage(), T.ToDtype(torch.uint8)])
+    files = sorted(glob.glob(os.path.join(SHARED_CIFAR10, 'train', '*', '*.jpg')))[::500]
+    for seed, path in enumerate(files):
+        image = Image.open(path).convert('RGB')
+        with seeded(seed):
+            pixels = ours(image)
+        with seeded(seed):
+            expected = v2(image)
+        assert type(pixels) is torch.Tensor and pixels.is_contiguous() and pixels.dtype == torch.uint8
+        assert torch.equal(pixels, expected.as_subclass(torch.Tensor)), path
+
+
 @pytest.mark.parametrize('config', ['rand-m10-mstd0-inc1', 'rand-m10-mstd0', 'original', 'augmix-m10-w4-d2'])
 def test_every_timm_augmentation_op_runs_at_its_highest_magnitude(config):
     """timm's PosterizeIncreasing at magnitude 10 asks Pillow for 0 bits, which Pillow 11+ refuses (a streamed

@@ -18,8 +18,9 @@ import contextlib
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import DistillError
 from .batching import Batch, Placement, plan_batches
@@ -49,7 +50,7 @@ class _Indexed(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         index, epoch_seed = key
-        with seeded(sample_seed(epoch_seed, index)):
+        with seeded(sample_seed(epoch_seed, index), restore=get_worker_info() is None):
             image, label = self.folder[index]
         return image, label, index
 
@@ -114,9 +115,17 @@ def image_transform(train: bool, augment: str, image_size: int, padding: int, cr
         if augment == 'crop_flip':
             steps.append(T.RandomHorizontalFlip())
     if train and auto_augment:  # timm's operations work on PIL images: the crop too, as in timm (one conversion)
-        return T.Compose(steps + [auto_augment_transform(auto_augment, image_size, mean), T.ToImage(),
-                                  T.ToDtype(torch.uint8)])
+        if augment == 'random_resized_crop':  # torchvision's v1 classes: v2's draws and pixels on PIL images,
+            from torchvision import transforms as V1  # without v2's dispatch on every call
+            steps = [V1.RandomResizedCrop(image_size), V1.RandomHorizontalFlip()]
+        return T.Compose(steps + [auto_augment_transform(auto_augment, image_size, mean), pil_to_uint8])
     return T.Compose([T.ToImage()] + steps + [T.ToDtype(torch.uint8)])
+
+
+def pil_to_uint8(image) -> torch.Tensor:
+    """A PIL RGB image as a contiguous (3, H, W) uint8 tensor: a plain tensor, which the DataLoader collates several
+    times faster than torchvision's ``Image`` views."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 class StreamingLoader:
