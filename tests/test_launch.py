@@ -276,3 +276,26 @@ def test_a_local_job_with_two_tasks_trains_as_two_torch_distributed_ranks(tmp_pa
     assert main(['grid', str(grid), '--executor', 'local']) == 0
     assert 'x 2 processes' in (tmp_path / 'runs' / 'a-seed0' / 'log.txt').read_text()
     assert read(tmp_path / 'runs' / 'a-seed0' / 'summary.json')['epochs'] == 1
+
+
+def test_a_job_pickled_before_the_layout_unpickles(tmp_path, monkeypatch):
+    """Grids submitted before the package layout pickled ``distill.launch.TrainJob`` holding a
+    ``distill.run_dir.RunDir``; a requeue unpickles those names (as cloudpickle writes them: by reference)."""
+    import pickle
+
+    import cloudpickle
+
+    import distill.launch  # noqa: F401  (the old version had them imported when it pickled)
+    import distill.run_dir  # noqa: F401
+    from distill.runs.directory import RunDir
+    from distill.sweeps.launch import TrainJob
+    job = TrainJob({'recipe': 'r.yaml', 'overrides': ['trainer.epochs=2']}, RunDir(str(tmp_path), 'run'),
+                   {'OMP_NUM_THREADS': '1'})
+    monkeypatch.setattr(TrainJob, '__module__', 'distill.launch')  # where the old version defined them
+    monkeypatch.setattr(RunDir, '__module__', 'distill.run_dir')
+    old = cloudpickle.dumps(job)
+    assert b'distill.launch' in old and b'distill.run_dir' in old and b'distill.sweeps' not in old
+    monkeypatch.undo()
+    again = pickle.loads(old)
+    assert type(again) is TrainJob and type(again.run_dir) is RunDir
+    assert (again.command, again.run_dir.path, again.env) == (job.command, job.run_dir.path, job.env)

@@ -17,7 +17,9 @@ LAYERS = [
     ('teaching: live, cached and replayed teachers', ('distill.teaching',)),
     ('training', ('distill.training',)),
     ('many runs and tools', ('distill.sweeps', 'distill.tools')),
-    ('the command and the package', ('distill.cli', 'distill.__main__', 'distill')),
+    # distill.launch and distill.run_dir: the names grids pickled before this layout (requeued jobs unpickle them)
+    ('the command and the package', ('distill.cli', 'distill.__main__', 'distill', 'distill.launch',
+                                     'distill.run_dir')),
 ]
 MAX_LINES = 300
 MAX_LINE_LENGTH = 120
