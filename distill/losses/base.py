@@ -1,7 +1,8 @@
-"""What a loss term sees in a training step, and the registry that maps recipe names to loss terms.
+"""The loss-term class (``LossTerm``), the registry that maps recipe names to loss terms, and helpers shared by the
+methods (float32 losses, stage pairing). What a term sees in a step is ``step``.
 
-The engine never names a method: it builds each configured term from this registry, asks whether the term
-needs the teacher, and sums ``weight * term(step)``.
+The engine never names a method: it builds each configured term from this registry, reads what the term declares
+(its needs, taps and head), and sums ``weight * term(view of the step)``.
 """
 import collections.abc
 import functools
