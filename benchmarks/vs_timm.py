@@ -85,9 +85,9 @@ def distill_command(args, data_root: str, run_name: str, *overrides: str) -> lis
             f'data.mean={list(IMAGENET_MEAN)}', f'data.std={list(IMAGENET_STD)}', *overrides]
 
 
-def timm_command(args, data_root: str, teacher: str, seed: int, name: str) -> list:
+def timm_command(args, data_root: str, teacher: str, seed: int, name: str, classes: int) -> list:
     return [os.path.abspath(args.timm_train), '--data-dir', data_root, '--train-split', 'train', '--val-split',
-            'test', '--model', args.student, '--num-classes', '10', '--input-size', '3', str(args.image_size),
+            'test', '--model', args.student, '--num-classes', str(classes), '--input-size', '3', str(args.image_size),
             str(args.image_size), '--crop-pct', '0.875', '--mean', *map(str, IMAGENET_MEAN), '--std',
             *map(str, IMAGENET_STD), '--kd-model-name', f'local-dir:{teacher}', '--kd-distill-type', 'logit',
             '--kd-temperature', '4', '--distill-loss-weight', '0.9', '--task-loss-weight', '0.1', '--smoothing', '0',
@@ -115,6 +115,7 @@ def main() -> None:
     os.makedirs(args.output, exist_ok=True)
     data_root = link_subset(args.data, os.path.join(os.path.abspath(args.output), 'data'),
                             {'train': args.per_class, 'test': args.val_per_class})
+    classes = len(os.listdir(os.path.join(data_root, 'train')))
     teacher_run = f'teacher-{args.teacher}-{args.image_size}px'
     teacher = os.path.join(os.path.abspath(args.output), teacher_run, 'student')
     if not os.path.isfile(os.path.join(teacher, 'model.safetensors')):
@@ -124,7 +125,7 @@ def main() -> None:
     kd = [f'teacher.name=local-dir:{teacher}', 'teacher.pretrained=true',
           'losses={ce: 0.1, kd: {weight: 0.9, temperature: 4.0}}']
     tools = {
-        'timm': lambda seed, name: timm_command(args, data_root, teacher, seed, name),
+        'timm': lambda seed, name: timm_command(args, data_root, teacher, seed, name, classes),
         'distill streamed': lambda seed, name: distill_command(
             args, data_root, name, f'trainer.seed={seed}', *kd, 'data.in_memory=false',
             'data.augment=random_resized_crop', 'data.eval_crop_pct=0.875'),
@@ -137,7 +138,7 @@ def main() -> None:
             name = f"{tool.replace(' ', '-')}-{args.image_size}px-seed{seed}-{int(time.time())}"
             measured = run(command(seed, name), os.path.join(args.output, f'{name}.log'))
             top1 = timm_top1(args, name) if tool == 'timm' else distill_top1(args, name)
-            images = args.per_class * 10 * args.epochs
+            images = args.per_class * classes * args.epochs
             results.append(dict(tool=tool, seed=seed, top1=top1, img_per_s=images / measured['seconds'], **measured))
             print(json.dumps(results[-1]), flush=True)
     report(results)

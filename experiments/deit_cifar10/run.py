@@ -35,6 +35,7 @@ from distill.config import from_dict
 from distill.data import build_eval_loader
 from distill.data.imagefolder import link_subset
 from distill.runs.directory import RunDir
+from distill.training.evaluation import evaluate as top1_of
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/common.py
 from common import experiment_parser, mean_std  # noqa: E402
@@ -117,7 +118,7 @@ def main():
     teacher = exported(teacher_run)
     mean, std = (torch.tensor(teacher.pretrained_cfg[key]) for key in ('mean', 'std'))  # every run's: same images
     loader = build_eval_loader(from_dict(teacher_recipe).data, mean, std)
-    results = {'teacher_top1': evaluate_teacher(teacher, loader), 'runs': {}}
+    results = {'teacher_top1': top1_of(teacher, loader, torch.device('cpu'))['top1'], 'runs': {}}
     for (mode, seed), folder in folders.items():
         torch.manual_seed(seed)
         fresh = timm.create_model(STUDENT, num_classes=10, **runs[mode, seed]['student']['kwargs'])
@@ -138,15 +139,6 @@ def main():
 def exported(run_folder: str):
     """The run's best weights as its exported timm folder loads them (``local-dir:``)."""
     return timm.create_model(f'local-dir:{os.path.join(run_folder, "student")}', pretrained=True).eval()
-
-
-@torch.no_grad()
-def evaluate_teacher(teacher, loader) -> float:
-    right = count = 0
-    for batch in loader:
-        right += teacher(batch.images).argmax(1).eq(batch.labels).sum().item()
-        count += len(batch.labels)
-    return 100.0 * right / count
 
 
 if __name__ == '__main__':
