@@ -31,6 +31,9 @@ def test_the_quick_experiment_runs_every_row_and_a_rerun_reuses_the_runs(tmp_pat
     assert result['only_7_8']['error_rate_after'] <= result['only_7_8']['error_rate_before']
     assert set(result['temperature_sweep']) == {'300', '30'} and list(result['temperature_sweep']['30']) == ['2', '20']
     assert '| student 800-800, KD at T 20 | 74 |' in out and (tmp_path / 'quick' / 'hinton_mnist.png').stat().st_size
+    tables = os.listdir(tmp_path / 'quick' / 'teacher_logits')  # the experiment's own: KD seeds + sweep, 3, 7 and 8
+    assert len(tables) == 3 and all(os.path.isfile(tmp_path / 'quick' / 'teacher_logits' / t / 'logits.npy')
+                                    for t in tables)
     assert sorted(result['run_seconds']) == sorted(name[:-4] for name in os.listdir(tmp_path / 'quick' / 'logs'))
     again, rerun = quick(tmp_path / 'quick')  # every run finished: reused, the same numbers
     assert 'started' not in again and rerun['run_seconds'] == {}

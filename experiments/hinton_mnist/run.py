@@ -10,7 +10,9 @@ fitted) and only 7s and 8s (only78.yaml, then both biases fitted). Each run is a
 time, one thread each); a finished run is reused and an interrupted one resumed, so a rerun continues where the last
 stopped. The biases are fitted by `distill eval RUN --fit-bias` on the test set (as the paper did) and on the last
 5,000 training images. Errors are the last epoch's, out of the 10,000 test images (no epoch is picked on the test
-set). Writes results.json, the table (stdout, README.md's table) and PNGs to --output; --quick runs the same code
+set). The teacher-logit tables live in the output folder, filled by this experiment's own runs: a table another run
+filled in other batches (e.g. in ~/.cache/distill) differs in the last bits and would move the KD rows by an error
+or two. Writes results.json, the table (stdout, README.md's table) and PNGs to --output; --quick runs the same code
 on 3,000 training and 1,000 test images for 2 epochs (a check of the path, not of the numbers).
 """
 import argparse
@@ -41,8 +43,9 @@ class Run:
         self.command = [sys.executable, '-m', 'distill', 'train', os.path.join(HERE, recipe),
                         f'data.root={os.path.abspath(args.mnist)}', f'trainer.output_dir={args.output}',
                         f'trainer.run_name={name}', *args.data_overrides, *epochs, *overrides]
-        if needs_teacher:
-            self.command.append(f'teacher.checkpoint={teacher_weights(args)}')
+        if needs_teacher:  # the teacher-logit tables in the output folder: filled by this experiment's runs alone
+            self.command += [f'teacher.checkpoint={teacher_weights(args)}',
+                             f'teacher_cache.dir={os.path.join(args.output, "teacher_logits")}']
 
     def finished(self) -> bool:
         return os.path.isfile(os.path.join(self.folder, 'summary.json'))
