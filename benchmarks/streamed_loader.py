@@ -81,7 +81,7 @@ def use_distills_rand_augment(transform, image_size: int) -> None:
     bilinear."""
     from timm.data import IMAGENET_DEFAULT_MEAN
     from timm.data.auto_augment import RandAugment
-    from distill.data.streaming import auto_augment_transform
+    from distill.data.image_transforms import auto_augment_transform
     transform.transforms = [auto_augment_transform(AUTO_AUGMENT, image_size, IMAGENET_DEFAULT_MEAN)
                             if isinstance(step, RandAugment) else step for step in transform.transforms]
 

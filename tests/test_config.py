@@ -77,6 +77,6 @@ def test_missing_and_malformed_recipes(tmp_path):
                                     '3a'])
 def test_the_timm_augmentation_strings_that_are_accepted_build_in_timm(config):
     from distill.config.checks import check_auto_augment
-    from distill.data.streaming import auto_augment_transform
+    from distill.data.image_transforms import auto_augment_transform
     check_auto_augment(config)
     assert auto_augment_transform(config, 32, (0.5, 0.5, 0.5)) is not None

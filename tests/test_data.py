@@ -153,28 +153,68 @@ def test_streamed_augmentation_is_a_function_of_epoch_seed_and_index_alone():
         from_dict({'data': {'auto_augment': 'rand-m9'}})
 
 
-def test_the_pil_crop_before_randaugment_gives_torchvision_v2s_draws_and_pixels():
-    """The streamed RandomResizedCrop + flip + RandAugment path runs torchvision's v1 classes on the PIL image (less
-    dispatch per call): every image, for every seed, is bit-identical to the v2 pipeline it replaced, so streamed
-    runs and their recordings are unchanged."""
+def v2_reference(train: bool, size: int, auto_augment=None, mean=(0.485, 0.456, 0.406)):
+    """The torchvision v2 pipelines the streamed transforms stand for (ImageNet's crop and flip, evaluation)."""
+    from torchvision.transforms import v2 as T
+    from distill.data.image_transforms import auto_augment_transform
+    if not train:
+        return T.Compose([T.ToImage(), T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size),
+                          T.ToDtype(torch.uint8)])
+    if auto_augment:
+        return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
+                          auto_augment_transform(auto_augment, size, mean), T.ToImage(), T.ToDtype(torch.uint8)])
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
+                      T.ToDtype(torch.uint8)])
+
+
+@pytest.mark.parametrize('train,size,auto_augment', [(True, 48, 'rand-m9-mstd0.5-inc1'), (True, 32, None),
+                                                     (True, 224, None), (False, 32, None), (False, 224, None)])
+def test_the_streamed_transforms_give_torchvision_v2s_draws_and_pixels(train, size, auto_augment):
+    """The streamed transforms skip torchvision v2's per-call dispatch (v1 classes on the PIL image before timm's
+    RandAugment, v2's kernels called directly otherwise): every image, for every seed, is bit-identical to the v2
+    pipeline, and the generators end where v2 leaves them, so streamed runs and their recordings are unchanged."""
     import glob
     from PIL import Image
-    from torchvision.transforms import v2 as T
     from distill.data.seeding import seeded
-    from distill.data.streaming import auto_augment_transform, image_transform
-    mean = (0.485, 0.456, 0.406)
-    ours = image_transform(True, 'random_resized_crop', 48, 4, 0.875, 'rand-m9-mstd0.5-inc1', mean)
-    v2 = T.Compose([T.RandomResizedCrop(48, antialias=True), T.RandomHorizontalFlip(),
-                    auto_augment_transform('rand-m9-mstd0.5-inc1', 48, mean), T.ToImage(), T.ToDtype(torch.uint8)])
+    from distill.data.image_transforms import image_transform
+    ours = image_transform(train, 'random_resized_crop', size, 4, 0.875, auto_augment, (0.485, 0.456, 0.406))
+    reference = v2_reference(train, size, auto_augment)
     files = sorted(glob.glob(os.path.join(SHARED_CIFAR10, 'train', '*', '*.jpg')))[::500]
-    for seed, path in enumerate(files):
-        image = Image.open(path).convert('RGB')
+    images = [Image.open(path).convert('RGB') for path in files] + [Image.new('RGB', (61, 23), (9, 99, 199))]
+    for seed, image in enumerate(images):
         with seeded(seed):
-            pixels = ours(image)
+            pixels, after = ours(image), torch.rand(1)
         with seeded(seed):
-            expected = v2(image)
-        assert type(pixels) is torch.Tensor and pixels.is_contiguous() and pixels.dtype == torch.uint8
-        assert torch.equal(pixels, expected.as_subclass(torch.Tensor)), path
+            expected, expected_after = reference(image), torch.rand(1)
+        assert type(pixels) is torch.Tensor and pixels.dtype == torch.uint8 and pixels.shape == (3, size, size)
+        assert torch.equal(pixels, expected.as_subclass(torch.Tensor)) and torch.equal(after, expected_after), seed
+
+
+@pytest.mark.parametrize('size', [(32, 32), (500, 375), (375, 500), (300, 12), (12, 300)])
+def test_the_streamed_crop_draws_torchvisions_crops_and_the_same_fallback(size):
+    """distill's RandomResizedCrop (the log ratios computed once) returns torchvision's crop for every generator
+    state, on square and ImageNet-shaped images and on strips where no draw fits (torchvision's central fallback),
+    and leaves the generator where torchvision leaves it."""
+    from PIL import Image
+    from torchvision import transforms as V1
+    from distill.data.image_transforms import RandomResizedCrop
+    image, crop = Image.new('RGB', size), RandomResizedCrop(224)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        expected, after = V1.RandomResizedCrop.get_params(image, crop.scale, crop.ratio), torch.rand(1)
+        torch.manual_seed(seed)
+        assert crop.get_params(image, crop.scale, crop.ratio) == expected, seed
+        assert torch.equal(torch.rand(1), after)
+
+
+def test_pil_to_uint8_is_torchvisions_pil_to_tensor_made_contiguous():
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    from distill.data.image_transforms import pil_to_uint8
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (7, 5, 3), dtype=np.uint8))
+    pixels = pil_to_uint8(image)
+    assert type(pixels) is torch.Tensor and pixels.is_contiguous() and torch.equal(pixels, pil_to_tensor(image))
 
 
 @pytest.mark.parametrize('config', ['rand-m10-mstd0-inc1', 'rand-m10-mstd0', 'original', 'augmix-m10-w4-d2'])
@@ -184,7 +224,7 @@ def test_every_timm_augmentation_op_runs_at_its_highest_magnitude(config):
     each policy runs on a real image."""
     import numpy as np
     from PIL import Image
-    from distill.data.streaming import auto_augment_transform
+    from distill.data.image_transforms import auto_augment_transform
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
     transform = auto_augment_transform(config, 32, (0.5, 0.5, 0.5))
     ops = getattr(transform, 'ops', None) or [op for ops in transform.policy for op in ops]

@@ -16,15 +16,15 @@ in-memory loader. Batches reach the device one step ahead (on CUDA on a side str
 """
 import contextlib
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import DistillError
 from .batching import Batch, Placement, plan_batches
 from .imagefolder import find_split_dir
+from .image_transforms import image_transform
 from .seeding import sample_seed, seeded
 from .views import normalize
 
@@ -67,65 +67,6 @@ class _EpochBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def auto_augment_transform(config: str, image_size: int, mean: Sequence[float]):
-    """timm's AutoAugment / RandAugment / AugMix for a timm config string, with the parameters timm's
-    ``transforms_imagenet_train`` gives them (translation 45% of the size, the fill colour the mean)."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform as auto, \
-        rand_augment_transform
-    params = {'translate_const': int(image_size * 0.45), 'img_mean': tuple(min(255, round(255 * x)) for x in mean)}
-    try:
-        if config.startswith('rand'):
-            transform = rand_augment_transform(config, params)
-        elif config.startswith('augmix'):
-            transform = augment_and_mix_transform(config, {**params, 'translate_pct': 0.3})
-        else:
-            transform = auto(config, params)
-    except (AssertionError, KeyError, ValueError, IndexError) as exc:
-        raise DistillError(f"data.auto_augment={config!r} is not a timm augmentation string ({type(exc).__name__}: "
-                           f"{exc}); use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original") from None
-    for op in getattr(transform, 'ops', None) or [op for ops in transform.policy for op in ops]:
-        if op.name.startswith('Posterize'):
-            op.aug_fn = posterize
-    return transform
-
-
-def posterize(image, bits: int, **_):
-    """timm's posterize, where 0 bits (Posterize at the highest magnitudes, e.g. rand-m9-mstd0.5-inc1's noisy
-    magnitude reaching 10) gives the black image it gave before Pillow 11 refused 0 bits."""
-    from PIL import Image, ImageOps
-    if bits >= 8:
-        return image
-    return ImageOps.posterize(image, bits) if bits >= 1 else Image.new(image.mode, image.size)
-
-
-def image_transform(train: bool, augment: str, image_size: int, padding: int, crop_pct: float,
-                    auto_augment: Optional[str] = None, mean: Sequence[float] = (0.5, 0.5, 0.5)):
-    from torchvision.transforms import v2 as T
-    if not train:
-        resize = int(round(image_size / crop_pct))
-        steps = [T.Resize(resize, antialias=True), T.CenterCrop(image_size)]
-    elif augment == 'random_resized_crop':
-        steps = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
-        if augment in ('crop', 'crop_flip'):
-            steps.append(T.RandomCrop(image_size, padding=padding))
-        if augment == 'crop_flip':
-            steps.append(T.RandomHorizontalFlip())
-    if train and auto_augment:  # timm's operations work on PIL images: the crop too, as in timm (one conversion)
-        if augment == 'random_resized_crop':  # torchvision's v1 classes: v2's draws and pixels on PIL images,
-            from torchvision import transforms as V1  # without v2's dispatch on every call
-            steps = [V1.RandomResizedCrop(image_size), V1.RandomHorizontalFlip()]
-        return T.Compose(steps + [auto_augment_transform(auto_augment, image_size, mean), pil_to_uint8])
-    return T.Compose([T.ToImage()] + steps + [T.ToDtype(torch.uint8)])
-
-
-def pil_to_uint8(image) -> torch.Tensor:
-    """A PIL RGB image as a contiguous (3, H, W) uint8 tensor: a plain tensor, which the DataLoader collates several
-    times faster than torchvision's ``Image`` views."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 class StreamingLoader:
