@@ -1,7 +1,7 @@
 """KD side by side with timm's own training script: ``train.py --kd-model-name`` vs ``distill train``.
 
     python benchmarks/vs_timm.py --timm-train PATH/TO/timm/train.py [--data ../shared/data/cifar10-jpeg]
-        [--per-class 500 --val-per-class 100 --epochs 3 --seeds 0 1 2 --image-size 32]
+        [--per-class 500 --val-per-class 100 --epochs 3 --seeds 0 1 2 --image-size 32] [--distill-type token]
 
 timm's train.py is not in the timm wheel: pass the file of the timm release you compare with (the repository's
 ``train.py`` at its tag), and say which in the results. Steps, all on the same ImageFolder subset of the shared
@@ -20,6 +20,10 @@ CIFAR-10 JPEGs (the first ``--per-class`` training and ``--val-per-class`` test 
      validation;
    - ``distill in memory``: the images resident, crop (pad 4) + flip batched on the device (timm's train.py has no
      pad-crop; this is distill's CIFAR path), validation on the 32 px images as they are.
+   With ``--distill-type token`` the student is a small distilled DeiT (``deit_tiny_distilled_patch16_224`` with
+   ``TOKEN_STUDENT`` 's arguments: 4-px patches, 4 blocks of width 96) and the loss DeiT's hard distillation, the
+   official weights: timm ``--kd-distill-type token --kd-token-distill-type hard``, task and distillation weights
+   0.5; distill ``losses={ce: 0.5, deit: {weight: 0.5, mode: hard}}``. Both evaluate the average of the two heads.
 Each run's wall time is its whole process, from start to exit (imports, reading the data, training, evaluation,
 checkpoints), so no tool's timer is trusted; peak memory is the training process's maximum resident set (without
 loader workers). Prints a table of seconds, img/s and top-1 per run, and each tool's time as a ratio to timm's in
@@ -39,6 +43,7 @@ sys.path.insert(0, HERE)
 from common import SHARED_CIFAR10  # noqa: E402
 from distill.data.imagefolder import link_subset  # noqa: E402
 
+TOKEN_STUDENT = ('deit_tiny_distilled_patch16_224', {'patch_size': 4, 'depth': 4, 'embed_dim': 96, 'num_heads': 3})
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Runs a script or module in this interpreter and reports its peak resident memory on exit (SystemExit included).
 PEAK = ("import atexit, resource, runpy, sys\n"
@@ -62,8 +67,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--image-size', type=int, default=32)
     parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--distill-type', choices=('logit', 'token'), default='logit',
+                        help="timm's --kd-distill-type: logit (KD) or token (DeiT's hard distillation, a DeiT student)")
     parser.add_argument('--output', default='runs/vs_timm')
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.student_kwargs = {}
+    if args.distill_type == 'token':
+        args.student, args.student_kwargs = TOKEN_STUDENT[0], {'img_size': args.image_size, **TOKEN_STUDENT[1]}
+    return args
 
 
 def run(command: list, log: str) -> dict:
@@ -85,12 +96,23 @@ def distill_command(args, data_root: str, run_name: str, *overrides: str) -> lis
             f'data.mean={list(IMAGENET_MEAN)}', f'data.std={list(IMAGENET_STD)}', *overrides]
 
 
+def kd_terms(args) -> list:
+    """timm's and distill's arguments for the same distillation loss."""
+    if args.distill_type == 'token':
+        model_kwargs = [f'{key}={value}' for key, value in args.student_kwargs.items()]
+        timm = ['--kd-distill-type', 'token', '--kd-token-distill-type', 'hard', '--distill-loss-weight', '0.5',
+                '--task-loss-weight', '0.5', '--model-kwargs', *model_kwargs]
+        return timm, ['losses={ce: 0.5, deit: {weight: 0.5, mode: hard}}',
+                      f'student.kwargs={json.dumps(args.student_kwargs)}']
+    return (['--kd-distill-type', 'logit', '--kd-temperature', '4', '--distill-loss-weight', '0.9',
+             '--task-loss-weight', '0.1'], ['losses={ce: 0.1, kd: {weight: 0.9, temperature: 4.0}}'])
+
+
 def timm_command(args, data_root: str, teacher: str, seed: int, name: str, classes: int) -> list:
     return [os.path.abspath(args.timm_train), '--data-dir', data_root, '--train-split', 'train', '--val-split',
             'test', '--model', args.student, '--num-classes', str(classes), '--input-size', '3', str(args.image_size),
             str(args.image_size), '--crop-pct', '0.875', '--mean', *map(str, IMAGENET_MEAN), '--std',
-            *map(str, IMAGENET_STD), '--kd-model-name', f'local-dir:{teacher}', '--kd-distill-type', 'logit',
-            '--kd-temperature', '4', '--distill-loss-weight', '0.9', '--task-loss-weight', '0.1', '--smoothing', '0',
+            *map(str, IMAGENET_STD), '--kd-model-name', f'local-dir:{teacher}', *kd_terms(args)[0], '--smoothing', '0',
             '--opt', 'momentum', '--lr', '0.05', '--momentum', '0.9', '--weight-decay', '5e-4', '--sched', 'cosine',
             '--epochs', str(args.epochs), '--warmup-epochs', '0', '--cooldown-epochs', '0', '--min-lr', '0',
             '--scale', '0.08', '1.0', '--hflip', '0.5', '--color-jitter', '0', '--train-interpolation', 'bilinear',
@@ -122,8 +144,7 @@ def main() -> None:
         command = distill_command(args, data_root, teacher_run, f'student.name={args.teacher}',
                                   f'trainer.epochs={args.teacher_epochs}')
         print('teacher:', run(command, os.path.join(args.output, f'{teacher_run}.log')))
-    kd = [f'teacher.name=local-dir:{teacher}', 'teacher.pretrained=true',
-          'losses={ce: 0.1, kd: {weight: 0.9, temperature: 4.0}}']
+    kd = [f'teacher.name=local-dir:{teacher}', 'teacher.pretrained=true', *kd_terms(args)[1]]
     tools = {
         'timm': lambda seed, name: timm_command(args, data_root, teacher, seed, name, classes),
         'distill streamed': lambda seed, name: distill_command(
@@ -135,7 +156,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for tool, command in tools.items():
-            name = f"{tool.replace(' ', '-')}-{args.image_size}px-seed{seed}-{int(time.time())}"
+            name = f"{tool.replace(' ', '-')}-{args.distill_type}-{args.image_size}px-seed{seed}-{int(time.time())}"
             measured = run(command(seed, name), os.path.join(args.output, f'{name}.log'))
             top1 = timm_top1(args, name) if tool == 'timm' else distill_top1(args, name)
             images = args.per_class * classes * args.epochs
