@@ -9,8 +9,12 @@ live teacher costs and every later run or seed is teacher-free where its views a
 
 The table lives in two ``.npy`` files mapped into memory (``logits.npy``, ``filled.npy``) under a folder named by
 a hash of everything the logits depend on; new entries are written in place (logits before their ``filled``
-flag, so a killed run never leaves a flag without its logits) and flushed at every epoch end. Augmentations
-without a finite view set (RandAugment, mixup) and teacher features cannot be cached: the trainer refuses them.
+flag, so a killed run never leaves a flag without its logits) and flushed at every epoch end. Runs may fill one
+table at once (seeds of one teacher): the teacher computes missing views in chunks of exactly ``TEACHER_ROWS``
+images, so an entry's bits do not depend on which run computed it or with which other images (CPU kernels sum in
+another order for a batch of a few rows, and a table filled partly a few views at a time moved a KD run's final
+errors by one). Augmentations without a finite view set (RandAugment, mixup) and teacher features cannot be
+cached: the trainer refuses them.
 """
 import hashlib
 import json
@@ -23,6 +27,18 @@ import numpy as np
 import torch
 
 NUMPY_DTYPES = {'float16': np.float16, 'float32': np.float32}
+TEACHER_ROWS = 64  # the teacher's batch when it fills the table
+
+
+def teacher_in_chunks(teacher: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                      rows: int = TEACHER_ROWS) -> torch.Tensor:
+    """``teacher(images)`` computed in batches of exactly ``rows`` images (the last padded with copies of the first
+    image): each image's logits are then a function of that image alone."""
+    count = len(images)
+    padding = -count % rows
+    if padding:
+        images = torch.cat([images, images[:1].expand(padding, *images.shape[1:])])
+    return torch.cat([teacher(chunk) for chunk in images.split(rows)])[:count]
 
 
 def digest_tensors(digest: 'hashlib._Hash', tensors: Dict[str, torch.Tensor]) -> None:
@@ -105,7 +121,7 @@ class TeacherCache:
         if self.filled_count < self.capacity:  # a full table needs no check (and no host sync)
             missing = torch.nonzero(~self.filled[indices, views]).squeeze(1)
             if len(missing):
-                self._store(indices[missing], views[missing], teacher(images[missing]))
+                self._store(indices[missing], views[missing], teacher_in_chunks(teacher, images[missing]))
         return self.logits[indices, views].float()
 
     def _store(self, indices: torch.Tensor, views: torch.Tensor, logits: torch.Tensor) -> None:
@@ -137,7 +153,7 @@ def open_teacher_cache(teacher: torch.nn.Module, loader, num_classes: int, setti
     logits depend on: weights, images, labels, augmentation, normalisation and ``settings`` (precision, ...)."""
     from ..data import cache_dir
     settings = {**settings, 'padding': loader.padding, 'mean': loader.mean.flatten().tolist(),
-                'std': loader.std.flatten().tolist(), 'dtype': dtype, 'version': 1}
+                'std': loader.std.flatten().tolist(), 'dtype': dtype, 'version': 2}
     key = cache_key(teacher, loader.split.images, loader.split.labels, settings)
     root = os.path.expanduser(root or os.path.join(cache_dir(), 'teacher_logits'))
     return TeacherCache(os.path.join(root, key), len(loader.split), loader.num_views, num_classes, dtype, device,
