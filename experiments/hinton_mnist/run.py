@@ -10,9 +10,9 @@ fitted) and only 7s and 8s (only78.yaml, then both biases fitted). Each run is a
 time, one thread each); a finished run is reused and an interrupted one resumed, so a rerun continues where the last
 stopped. The biases are fitted by `distill eval RUN --fit-bias` on the test set (as the paper did) and on the last
 5,000 training images. Errors are the last epoch's, out of the 10,000 test images (no epoch is picked on the test
-set). The teacher-logit tables live in the output folder, filled by this experiment's own runs: a table another run
-filled in other batches (e.g. in ~/.cache/distill) differs in the last bits and would move the KD rows by an error
-or two. Writes results.json, the table (stdout, README.md's table) and PNGs to --output; --quick runs the same code
+set). The teacher-logit tables live in the output folder, filled by this experiment's own runs (a table left in
+~/.cache/distill by an older distill could hold entries another run computed a few at a time, a few last bits off,
+which moved a KD row by an error). Writes results.json, the table (stdout, README.md's table) and PNGs to --output; --quick runs the same code
 on 3,000 training and 1,000 test images for 2 epochs (a check of the path, not of the numbers).
 """
 import argparse
@@ -56,9 +56,8 @@ class Run:
 
     def ready(self, teacher_done: bool) -> bool:
         """The teacher trained (if it needs it), and the run that fills its teacher-logit table through its first
-        epoch (``after``) past it: the table then holds that run's logits for every image, whoever reads it. Two
-        runs filling one table at once would each store logits computed in their own batches, which differ in the
-        last bits, and a run's numbers would depend on the other's timing."""
+        epoch (``after``) past it: the table then holds the teacher's logits for every image, and the runs reading
+        it never run the teacher (two runs filling it at once would store the same bits, computing many twice)."""
         return (teacher_done or not self.needs_teacher) and (self.after is None or self.after.first_epoch_done())
 
     def start(self, log_folder: str) -> subprocess.Popen:
