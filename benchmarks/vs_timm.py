@@ -96,8 +96,8 @@ def distill_command(args, data_root: str, run_name: str, *overrides: str) -> lis
             f'data.mean={list(IMAGENET_MEAN)}', f'data.std={list(IMAGENET_STD)}', *overrides]
 
 
-def kd_terms(args) -> list:
-    """timm's and distill's arguments for the same distillation loss."""
+def kd_terms(args) -> tuple:
+    """(timm train.py arguments, distill overrides) for the same distillation loss."""
     if args.distill_type == 'token':
         model_kwargs = [f'{key}={value}' for key, value in args.student_kwargs.items()]
         timm = ['--kd-distill-type', 'token', '--kd-token-distill-type', 'hard', '--distill-loss-weight', '0.5',
