@@ -112,10 +112,10 @@ def test_cached_logits_equal_the_live_teacher_for_the_same_views(tmp_path, dtype
 def test_a_table_holds_the_same_bits_whichever_run_filled_it_and_in_what_batches(tmp_path):
     """One run fills a table in whole batches; another finds most views already filled by a run with another order
     and computes the rest a few at a time: both tables are byte-identical (the teacher fills in chunks of
-    TEACHER_ROWS images). Computed one or three at a time, this teacher's logits differ in the last bits."""
+    TEACHER_ROWS images). Computed one or three at a time, this teacher's logits differ in the last bits on x86 CPUs
+    (kernels for a few rows sum in another order): without the chunks the tables differ there."""
     teacher = timm.create_model('mnist_mlp_1200', num_classes=10).eval()
     images = torch.randn(300, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(teacher(images[:3]), teacher(images[:100])[:3])  # what the chunks are for
     views = torch.zeros(300, dtype=torch.long)
 
     def table(folder, batches):
@@ -129,7 +129,6 @@ def test_a_table_holds_the_same_bits_whichever_run_filled_it_and_in_what_batches
     order = torch.randperm(300, generator=torch.Generator().manual_seed(1))
     others_first = list(order[:290].split(97)) + [torch.arange(start, 300, 10) for start in range(10)]
     assert torch.equal(whole, table('piecemeal', others_first))
-    assert torch.equal(whole[:100], teacher(images[:100]).unsqueeze(1))  # the live teacher's batch of 100
 
 
 @pytest.mark.slow
