@@ -21,7 +21,8 @@ Both baselines run distill's RandAugment object (``use_distills_rand_augment``):
 Pillow >= 11 they would otherwise not survive.
 
 Every loader first runs one untimed epoch (worker start-up); then ``--rounds`` rounds time one whole epoch of each
-loader in turn (whole epochs, so no worker is still prefetching for one loader while another is timed). Prints
+loader in turn (whole epochs, so no worker is still prefetching for one loader while another is timed), each round
+starting with the next loader. Prints
 images/s over the timed epochs and the ratios as a markdown table.
 """
 import argparse
@@ -123,9 +124,11 @@ def measure(root: str, args) -> dict:
     for epoch in loaders.values():
         timed_epoch(epoch)  # worker start-up
     totals = {name: [0, 0.0] for name in loaders}
-    for _ in range(args.rounds):
-        for name, epoch in loaders.items():
-            count, seconds = timed_epoch(epoch)
+    names = list(loaders)
+    for round_ in range(args.rounds):
+        shift = round_ % len(names)  # each round starts with the next loader: none always follows the same one
+        for name in names[shift:] + names[:shift]:
+            count, seconds = timed_epoch(loaders[name])
             totals[name][0] += count
             totals[name][1] += seconds
     return {name: count / seconds for name, (count, seconds) in totals.items()}

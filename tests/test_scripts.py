@@ -62,3 +62,22 @@ def test_the_gpu_check_runs_every_part_in_its_cpu_smoke_mode(tmp_path):
     assert [goal['goal'] for goal in report['goals']] == ['KD live, batch 64', 'KD cached, batch 512',
                                                           'KD live / torchdistill']
     assert '| KD cached | 8 |' in open(tmp_path / 'gpu_bench.md').read()
+
+
+def test_vs_timm_times_each_epoch_from_the_lines_a_run_writes(tmp_path, monkeypatch):
+    """benchmarks/vs_timm.py's outside timer: the steady epoch is the mean interval between the epoch lines a run
+    appends (a CSV's header is not an epoch), whatever the run's own clock says."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, 'benchmarks'))
+    vs_timm = runpy.run_path(os.path.join(REPO, 'benchmarks', 'vs_timm.py'))
+    summary = tmp_path / 'summary.csv'
+    script = tmp_path / 'epochs.py'
+    script.write_text(f"import time\nwith open({str(summary)!r}, 'w') as out:\n    out.write('epoch,top1\\n')\n"
+                      f"    for epoch in range(3):\n        time.sleep(0.5)\n"
+                      f"        out.write(f'{{epoch}},1.0\\n'); out.flush()\n")
+    measured = vs_timm['run']([str(script)], str(tmp_path / 'log'), str(summary))
+    assert vs_timm['epoch_lines'](str(summary)) == 3
+    assert 0.45 <= measured['epoch_seconds'] <= 2.0 and measured['seconds'] >= 1.5 and measured['peak_mib'] > 0
+    # seed by seed the runs' order rotates, the warm-cache run always right after the run that fills the cache
+    orders = [vs_timm['rotated'](['timm', 'streamed', 'memory', 'warm'], turn) for turn in range(3)]
+    assert orders == [['timm', 'streamed', 'memory', 'warm'], ['streamed', 'memory', 'warm', 'timm'],
+                      ['memory', 'warm', 'timm', 'streamed']]
