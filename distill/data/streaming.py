@@ -6,8 +6,8 @@ timm's AutoAugment / RandAugment / AugMix where ``data.auto_augment`` names one 
 ``rand-m9-mstd0.5-inc1``, with timm's parameters for them); validation images are resized to
 ``image_size / eval_crop_pct`` and centre-cropped. Persistent workers decode to uint8 into pinned memory;
 normalisation runs on the training device. On the CPU it runs on one thread while workers run: a batch-wide op
-on two threads waits for its second thread to get a core that a worker holds (a 64 x 32 x 32 batch took 6.6 ms in
-place of 0.07 ms, and a DeiT run's epoch was 6% slower than timm's train.py, which normalises in its workers).
+on two threads waits for its second thread to get a core that a worker holds (a 64 x 32 x 32 batch took 6.6 ms
+instead of 0.07 ms beside two busy workers).
 
 Every random draw of a training image's augmentation (torch, numpy and Python ``random``, which timm's operations
 use) is seeded from (the epoch's seed, the image's index) alone, so an image's augmented pixels do not depend on
