@@ -251,3 +251,10 @@ def test_link_subset_links_the_first_images_of_each_class_and_names_a_missing_sp
         assert [link.name for link in links] == ['0.png', '1.png'] and all(link.is_symlink() for link in links)
     with pytest.raises(DistillError, match=r'image folder not found: .*src/test'):
         link_subset(str(tmp_path / 'src'), str(tmp_path / 'dst'), {'test': 1})
+    # copy: plain files with the images' bytes (a tree that travels), nothing left beside them
+    (tmp_path / 'src' / 'train' / 'cat' / '0.png').write_bytes(b'cat zero')
+    link_subset(str(tmp_path / 'src'), str(tmp_path / 'copied'), {'train': 1}, copy=True)
+    copied = sorted((tmp_path / 'copied' / 'train').glob('*/*'))
+    assert [(path.parent.name, path.name, path.is_symlink()) for path in copied] == [('cat', '0.png', False),
+                                                                                     ('dog', '0.png', False)]
+    assert copied[0].read_bytes() == b'cat zero' and copied[1].read_bytes() == b'x'

@@ -3,6 +3,7 @@ cached as uint8 under ``~/.cache/distill`` or ``$DISTILL_CACHE``, only the chose
 ``link_subset``: a smaller tree of links, for streamed runs on part of a tree."""
 import hashlib
 import os
+import shutil
 from typing import Dict, Optional
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DistillError
-from ..files import atomic_save
+from ..files import atomic_save, atomic_write
 from .sources import DataSource, ImageSplit, cache_dir, pick, register_source
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -83,9 +84,10 @@ def _load_imagefolder(cfg: DataConfig, train: bool, per_class: Optional[int]) ->
     return split
 
 
-def link_subset(source: str, target: str, per_class: Dict[str, int]) -> str:
+def link_subset(source: str, target: str, per_class: Dict[str, int], copy: bool = False) -> str:
     """``target/<split>/<class>/`` holding links to the first ``per_class[split]`` images (sorted by name) of each
-    class of the ImageFolder root ``source`` (a streamed run on part of a tree; links already there are kept)."""
+    class of the ImageFolder root ``source`` (a streamed run on part of a tree; links already there are kept), or
+    with ``copy`` copies of them (a tree that travels without its source)."""
     for split, count in per_class.items():
         if not os.path.isdir(os.path.join(source, split)):
             raise DistillError(f"image folder not found: {os.path.join(source, split)}; point it at an ImageFolder "
@@ -94,9 +96,13 @@ def link_subset(source: str, target: str, per_class: Dict[str, int]) -> str:
             folder = os.path.join(target, split, name)
             os.makedirs(folder, exist_ok=True)
             for image in sorted(os.listdir(os.path.join(source, split, name)))[:count]:
-                link = os.path.join(folder, image)
+                link, original = os.path.join(folder, image), os.path.abspath(os.path.join(source, split, name, image))
                 if not os.path.lexists(link):
-                    os.symlink(os.path.abspath(os.path.join(source, split, name, image)), link)
+                    if copy:  # whole or not at all: a copy cut short is never taken for an image
+                        with open(original, 'rb') as image_file:
+                            atomic_write(link, lambda out: shutil.copyfileobj(image_file, out))
+                    else:
+                        os.symlink(original, link)
     return target
 
 
