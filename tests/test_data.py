@@ -155,6 +155,36 @@ def test_streamed_augmentation_is_a_function_of_epoch_seed_and_index_alone():
         from_dict({'data': {'auto_augment': 'rand-m9'}})
 
 
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason='../shared/data/cifar10-jpeg not present')
+def test_host_work_runs_on_one_thread_beside_workers_and_changes_no_number():
+    """The trainer erases and mixes a streamed batch inside ``host_work``: one torch thread while DataLoader workers
+    hold the cores (two threads wait for each other there), the same bits as two threads; in memory, untouched."""
+    from distill.data.batching import BatchLoader
+    from distill.data.mixing import create_batch_augment
+    from distill.data.sources import ImageSplit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = DataConfig(name='imagefolder', root=SHARED_CIFAR10, in_memory=False, workers=2, image_size=32,
+                         batch_size=16, augment='random_resized_crop', reprob=0.5, remode='pixel', mixup=0.8,
+                         cutmix=1.0)
+        loader = build_data(cfg, seed=0).train
+        augment = create_batch_augment(cfg, False, 10, torch.device('cpu'))
+        batch = next(iter(loader))
+        with loader.host_work():
+            assert torch.get_num_threads() == 1
+            on_one = augment(batch._replace(images=batch.images.clone()), 7)
+        assert torch.get_num_threads() == 2
+        on_two = augment(batch._replace(images=batch.images.clone()), 7)
+        assert torch.equal(on_one.images, on_two.images) and torch.equal(on_one.soft_targets, on_two.soft_targets)
+        assert not torch.equal(on_one.images, batch.images)  # it erased and mixed
+        split = ImageSplit(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), ['a'])
+        with BatchLoader(split, 2, torch.zeros(3), torch.ones(3), True).host_work():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def v2_reference(train: bool, size: int, auto_augment=None, mean=(0.485, 0.456, 0.406)):
     """The torchvision v2 pipelines the streamed transforms stand for (ImageNet's crop and flip, evaluation)."""
     from torchvision.transforms import v2 as T

@@ -1,8 +1,10 @@
 """Batches and the loaders that yield them: the ``Batch`` every training step receives, the ``Loader`` protocol
 the in-memory and streamed loaders implement, the in-memory ``BatchLoader``, and how a global batch is split
 over torch.distributed ranks."""
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
+from typing import (Any, ContextManager, Iterator, List, NamedTuple, Optional, Protocol, Tuple,
+                    runtime_checkable)
 
 import torch
 
@@ -49,6 +51,10 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch the next ``__iter__`` serves (a replayed stream follows its recording's epochs), from its batch
         ``start`` (a resume inside the epoch: the generator then holds its state at the epoch's start)."""
+
+    def host_work(self) -> ContextManager:
+        """The context of the training process's own batch-wide work outside the step (erasing, mixing): one torch
+        thread where DataLoader workers hold the CPU's cores, else nothing."""
 
 
 @runtime_checkable
@@ -112,6 +118,9 @@ class BatchLoader:
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """In memory, epochs follow the generator alone; the batches before ``start`` are drawn, not made."""
         self.start = start
+
+    def host_work(self) -> ContextManager:
+        return contextlib.nullcontext()  # no workers compete for the cores
 
     def __len__(self) -> int:
         return len(plan_batches(torch.arange(len(self.split)), self.batch_size, self.train, self.rank,

@@ -180,7 +180,8 @@ class Trainer:
                    leave=False, dynamic_ncols=True, initial=progress.step, total=steps)
         for step, batch in enumerate(bar, start=progress.step):
             if self.batch_augment is not None:  # erasing, mixup, cutmix
-                batch = self.batch_augment(batch, batch_seed(self.data.train, self.cfg.trainer.seed, epoch, step))
+                with self.data.train.host_work():
+                    batch = self.batch_augment(batch, batch_seed(self.data.train, self.cfg.trainer.seed, epoch, step))
             closes_group = (step + 1) % accumulate == 0 or step + 1 == steps
             out = self.stepper.update(self.forward, batch, epoch, closes_group)
             stop_if_nonfinite(guard.observe(out, step), epoch, self.run_dir.last)
