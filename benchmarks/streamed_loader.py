@@ -22,8 +22,7 @@ Pillow >= 11 they would otherwise not survive.
 
 Every loader first runs one untimed epoch (worker start-up); then ``--rounds`` rounds time one whole epoch of each
 loader in turn (whole epochs, so no worker is still prefetching for one loader while another is timed), each round
-starting with the next loader. Prints
-images/s over the timed epochs and the ratios as a markdown table.
+starting with the next loader. Prints images/s over the timed epochs and the ratios as a markdown table.
 """
 import argparse
 import itertools

@@ -1,6 +1,6 @@
 """ImageFolder trees (``root/train/<class>/*.jpg`` and ``root/val/`` or ``test/``): decoded once at the run's size,
 cached as uint8 under ``~/.cache/distill`` or ``$DISTILL_CACHE``, only the chosen classes and images per class; and
-``link_subset``: a smaller tree of links, for streamed runs on part of a tree."""
+``link_subset``: a smaller tree of links (or copies), for streamed runs on part of a tree."""
 import hashlib
 import os
 import shutil
