@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument('--jpeg-val-per-class', type=int, default=50)
     parser.add_argument('--timm-train', help="timm's train.py to copy beside the data (benchmarks/vs_timm.py)")
     args = parser.parse_args()
+    if args.timm_train and not os.path.isfile(args.timm_train):
+        parser.error(f"--timm-train {args.timm_train} is not a file: pass timm's train.py (the repository's, at a tag)")
     cfg = DataConfig(name='imagefolder', root=args.data, image_size=32, train_per_class=args.train_per_class,
                      val_per_class=args.test_per_class)
     train, test = load_split(cfg, train=True), load_split(cfg, train=False)
